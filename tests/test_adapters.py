@@ -1,0 +1,316 @@
+"""Adapter mechanics on tiny random-init models of every supported family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_batch, tiny_model, logits
+from torch.utils.data import DataLoader
+
+from fed_adapters.adapters import (
+    AdapterConfig,
+    AdapterConfigError,
+    AdapterRoutingError,
+    BottleneckAdapter,
+    adapter_configs,
+    adapter_parameter_count,
+    adapter_routing,
+    add_adapter,
+    deactivate_adapters,
+    delete_adapter,
+    set_active_adapter,
+    trainable_parameters,
+)
+from fed_adapters.adapters.targets import find_insertion_points
+from fed_adapters.training import train
+
+LAYOUTS = [
+    AdapterConfig.preset("houlsby", bottleneck_size=8),
+    AdapterConfig.preset("pfeiffer", bottleneck_size=8),
+    AdapterConfig(bottleneck_size=8, location="attention", placement="parallel"),
+    AdapterConfig.preset("parallel", bottleneck_size=8),
+]
+
+
+def _adapter_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters() if ".bottleneck_adapters." in n}
+
+
+@pytest.mark.parametrize("config", LAYOUTS, ids=["houlsby", "pfeiffer", "attn-parallel", "parallel"])
+def test_identity_init_leaves_logits_unchanged(family: str, config: AdapterConfig) -> None:
+    model = tiny_model(family)
+    batch = tiny_batch()
+    before = logits(model, batch)
+    add_adapter(model, config)
+    assert _adapter_names(model), "no adapter was inserted"
+    assert torch.equal(logits(model, batch), before)
+
+
+def test_adapter_changes_output_and_deactivation_restores_base(family: str) -> None:
+    model = tiny_model(family)
+    batch = tiny_batch()
+    base = logits(model, batch)
+    add_adapter(model, AdapterConfig.preset("houlsby", bottleneck_size=8, init="bert", scaling=20.0))
+    adapted = logits(model, batch)
+    assert not torch.allclose(adapted, base)
+    deactivate_adapters(model)
+    assert torch.equal(logits(model, batch), base)
+    set_active_adapter(model, "default")
+    assert torch.equal(logits(model, batch), adapted)
+
+
+def test_every_location_is_hooked(family: str) -> None:
+    model = tiny_model(family)
+    points = find_insertion_points(model, AdapterConfig(location="both"))
+    stacks = 2 if family == "t5" else 1  # T5: encoder and decoder stacks
+    assert sorted(p.location for p in points) == ["attention"] * 2 * stacks + ["ffn"] * 2 * stacks
+    assert sorted({p.layer for p in points}) == [0, 1]
+
+
+def test_training_moves_only_adapter_and_head(family: str) -> None:
+    model = tiny_model(family)
+    add_adapter(model, AdapterConfig.preset("houlsby", bottleneck_size=8))
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = tiny_batch(batch_size=8)
+    loader = DataLoader([{k: v[i] for k, v in batch.items()} for i in range(8)], batch_size=4)
+    # Gradients reach adapter and head parameters only.
+    model.train()
+    model(**batch).loss.backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == param.requires_grad, name
+    model.zero_grad(set_to_none=True)
+
+    stats = train(model, loader, max_steps=3, lr=1e-2, warmup_ratio=0.0, device="cpu")
+    assert stats.steps == 3 and stats.examples == 12
+    for name, value in base_before.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), f"base weight {name} changed"
+    changed = [n for n, v in trained_before.items() if not torch.equal(dict(model.named_parameters())[n], v)]
+    assert any(".bottleneck_adapters." in n for n in changed)
+    assert all(".bottleneck_adapters." in n or n in _head_names(model) for n in trained_before)
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    from fed_adapters.adapters import head_parameter_names
+
+    return set(head_parameter_names(model))
+
+
+@pytest.mark.parametrize("d_model,bottleneck", [(32, 8), (384, 16), (768, 64)])
+def test_one_adapter_has_2dm_plus_d_plus_m_parameters(d_model: int, bottleneck: int) -> None:
+    adapter = BottleneckAdapter(d_model, AdapterConfig(bottleneck_size=bottleneck))
+    expected = 2 * d_model * bottleneck + d_model + bottleneck
+    assert adapter_parameter_count(d_model, bottleneck) == expected
+    assert sum(p.numel() for p in adapter.parameters()) == expected
+
+
+def test_trainable_parameter_accounting(capsys) -> None:
+    model = tiny_model("bert")
+    total_base = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
+    add_adapter(model, AdapterConfig.preset("houlsby", bottleneck_size=8))
+    count = trainable_parameters(model)
+    adapters = 2 * 2 * adapter_parameter_count(32, 8)  # 2 layers x (attention + ffn)
+    assert count.trainable == adapters + head
+    assert count.total == total_base + adapters
+    assert count.percent == pytest.approx(100 * (adapters + head) / (total_base + adapters))
+    from fed_adapters import print_trainable_parameters
+
+    print_trainable_parameters(model)
+    assert f"trainable params: {adapters + head:,} || all params: {total_base + adapters:,}" in capsys.readouterr().out
+
+
+def test_train_head_false_freezes_the_head() -> None:
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4, train_head=False))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == _adapter_names(model)
+
+
+def test_layers_and_leave_out_select_layers() -> None:
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4, leave_out=1), name="top")
+    assert all(".layer.1." in n for n in _adapter_names(model))
+    add_adapter(model, AdapterConfig(bottleneck_size=4, layers=[0], location="ffn"), name="bottom")
+    bottom = {n for n in _adapter_names(model) if ".bottom." in n}
+    assert bottom and all(".layer.0.output.dense." in n for n in bottom)
+
+
+def test_reduction_factor_sets_the_bottleneck() -> None:
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(reduction_factor=4, location="ffn"))
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if n.endswith("down.weight")}
+    assert shapes == {(8, 32)}
+
+
+@pytest.mark.parametrize("family_name", ["bert", "distilbert", "gpt2", "llama", "t5"])
+@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+def test_per_example_routing_equals_one_by_one(family_name: str, placement: str) -> None:
+    model = tiny_model(family_name)
+    names = ["alice", "bob", "carol"]
+    for i, name in enumerate(names):
+        torch.manual_seed(100 + i)
+        add_adapter(model, AdapterConfig(bottleneck_size=8, placement=placement, init="bert", scaling=10.0), name=name)
+    model.eval()
+    batch = tiny_batch(batch_size=6, labels=None)
+    routed_names = ["bob", "alice", "carol", "carol", "alice", "bob"]
+    with adapter_routing(model, routed_names):
+        routed = logits(model, batch)
+    for i, name in enumerate(routed_names):
+        set_active_adapter(model, name)
+        alone = logits(model, {k: v[i : i + 1] for k, v in batch.items()})
+        torch.testing.assert_close(routed[i : i + 1], alone, atol=1e-5, rtol=0)
+    # Routing really distinguishes adapters: the same example under two adapters differs.
+    with adapter_routing(model, ["alice", "bob", "alice", "bob", "alice", "bob"]):
+        other = logits(model, batch)
+    assert not torch.allclose(other[0], routed[0])
+
+
+def test_routing_is_one_batched_pass_without_python_loop_over_examples() -> None:
+    model = tiny_model("bert")
+    for name in ("a", "b"):
+        add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert"), name=name)
+    calls = []
+    handle = model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda *_: calls.append(1))
+    with adapter_routing(model, ["a", "b", "a", "b"]):
+        logits(model, tiny_batch(batch_size=4))
+    handle.remove()
+    assert calls == [1]  # the hooked sublayer ran once for the whole mixed batch
+
+
+def test_routing_errors() -> None:
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4), name="a")
+    add_adapter(model, AdapterConfig(bottleneck_size=8), name="b")
+    with pytest.raises(AdapterRoutingError, match="unknown adapter"):
+        with adapter_routing(model, ["a", "zed"]):
+            pass
+    with pytest.raises(AdapterRoutingError, match="differ in size"):
+        with adapter_routing(model, ["a", "b"]):
+            logits(model, tiny_batch(batch_size=2))
+    with pytest.raises(AdapterRoutingError, match="3 adapter ids for a batch of 2"):
+        with adapter_routing(model, ["a", "a", "a"]):
+            logits(model, tiny_batch(batch_size=2))
+
+
+def test_several_adapters_add_activate_delete() -> None:
+    model = tiny_model("bert")
+    base_keys = set(model.state_dict())
+    batch = tiny_batch()
+    base = logits(model, batch)
+    for i, name in enumerate(("x", "y")):
+        torch.manual_seed(i)
+        add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=20.0), name=name)
+    assert sorted(adapter_configs(model)) == ["x", "y"]
+    assert model.active_adapter == "y"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".bottleneck_adapters." in n}
+    assert trainable and all(".y." in n for n in trainable)
+    out_y = logits(model, batch)
+    set_active_adapter(model, "x")
+    out_x = logits(model, batch)
+    assert not torch.allclose(out_x, out_y)
+    delete_adapter(model, "x")
+    assert model.active_adapter is None and torch.equal(logits(model, batch), base)
+    set_active_adapter(model, "y")
+    assert torch.equal(logits(model, batch), out_y)
+    delete_adapter(model, "y")
+    assert set(model.state_dict()) == base_keys and torch.equal(logits(model, batch), base)
+    with pytest.raises(AdapterConfigError, match="no adapter named 'y'"):
+        set_active_adapter(model, "y")
+
+
+def test_explicit_target_modules_work_on_an_unmapped_architecture() -> None:
+    import transformers as tf
+
+    from fed_adapters.modeling import build_model
+
+    torch.manual_seed(0)
+    config = tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=2,
+                          word_embed_proj_dim=32, pad_token_id=0)
+    model = build_model(config, num_labels=3, pooling="model").eval()
+    batch = tiny_batch()
+    base = logits(model, batch)
+    with pytest.raises(AdapterConfigError, match="no adapter mapping for model_type 'opt'.*target_modules"):
+        add_adapter(model, AdapterConfig())
+    add_adapter(model, AdapterConfig(bottleneck_size=4, target_modules=[r".*layers\.\d+\.fc2"]))
+    assert len(_adapter_names(model)) == 2 * 4
+    assert torch.equal(logits(model, batch), base)
+    add_adapter(model, AdapterConfig(bottleneck_size=4, target_modules=["self_attn"], placement="parallel",
+                                     init="bert", scaling=10.0), name="whole")
+    assert not torch.allclose(logits(model, batch), base)  # tuple-returning sublayers are adapted too
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(bottleneck_size=8, reduction_factor=4), "either bottleneck_size or reduction_factor"),
+        (dict(bottleneck_size=0), "bottleneck_size must be an integer >= 1"),
+        (dict(non_linearity="softsign"), "unknown non_linearity 'softsign'; valid values: relu, gelu"),
+        (dict(location="everywhere"), "unknown location 'everywhere'; valid values: ffn, attention, both"),
+        (dict(placement="diagonal"), "unknown placement"),
+        (dict(init="zeros"), "unknown init 'zeros'; valid values: identity, normal, xavier, bert"),
+        (dict(dropout=1.5), "dropout must be a number in"),
+        (dict(layers=[]), "layers must be a non-empty list"),
+        (dict(leave_out=-1), "leave_out must be an integer >= 0"),
+        (dict(target_modules="mlp"), "target_modules must be a non-empty list"),
+    ],
+)
+def test_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(AdapterConfigError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_config_errors_that_need_the_model() -> None:
+    model = tiny_model("bert")
+    with pytest.raises(AdapterConfigError, match=r"bottleneck of 64, which must lie in \[1, d_model=32\]"):
+        add_adapter(model, AdapterConfig(bottleneck_size=64))
+    with pytest.raises(AdapterConfigError, match="reduction_factor=64"):
+        add_adapter(model, AdapterConfig(reduction_factor=64))
+    with pytest.raises(AdapterConfigError, match=r"layers \[5\] do not exist: the model has 2 layers"):
+        add_adapter(model, AdapterConfig(layers=[5]))
+    with pytest.raises(AdapterConfigError, match="no layer is left"):
+        add_adapter(model, AdapterConfig(leave_out=2))
+    with pytest.raises(AdapterConfigError, match="match no module"):
+        add_adapter(model, AdapterConfig(target_modules=["nonexistent"]))
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    with pytest.raises(AdapterConfigError, match="already exists"):
+        add_adapter(model, AdapterConfig(bottleneck_size=4))
+    with pytest.raises(AdapterConfigError, match="must be non-empty letters"):
+        add_adapter(model, AdapterConfig(bottleneck_size=4), name="a.b")
+    assert list(adapter_configs(model)) == ["default"]  # failed adds left nothing behind
+
+
+def test_config_json_round_trip_and_presets() -> None:
+    config = AdapterConfig.preset("parallel", bottleneck_size=12, layers=[3, 1, 1], non_linearity="gelu")
+    assert config.placement == "parallel" and config.scaling == 4.0 and config.layers == [1, 3]
+    assert AdapterConfig.from_json(config.to_json()) == config
+    assert AdapterConfig.from_dict({"preset": "pfeiffer", "bottleneck_size": 4}).location == "ffn"
+    with pytest.raises(AdapterConfigError, match="unknown adapter config key.*bottleneck; valid keys"):
+        AdapterConfig.from_dict({"bottleneck": 4})
+    with pytest.raises(AdapterConfigError, match="unknown adapter preset 'lora'"):
+        AdapterConfig.preset("lora")
+
+
+@pytest.mark.parametrize("init", ["normal", "xavier", "bert"])
+def test_other_inits_are_small_but_nonzero(init: str) -> None:
+    adapter = BottleneckAdapter(64, AdapterConfig(bottleneck_size=8, init=init))
+    assert adapter.up.weight.abs().sum() > 0 and torch.count_nonzero(adapter.up.bias) == 0
+    limit = {"normal": 0.01, "xavier": 0.5, "bert": 0.2}[init]
+    assert adapter.up.weight.abs().max() < limit
+
+
+def test_models_of_every_family_are_covered() -> None:
+    from fed_adapters.adapters import ARCHITECTURES
+
+    required = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "gpt2", "llama",
+                "mistral", "qwen2", "qwen3", "t5"}
+    assert required <= set(ARCHITECTURES) and required == set(FAMILIES)
+
+
+def test_deepcopy_keeps_adapters_working() -> None:
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=10.0))
+    clone = copy.deepcopy(model)
+    batch = tiny_batch()
+    assert torch.equal(logits(clone, batch), logits(model, batch))

@@ -1,0 +1,148 @@
+"""Local training and evaluation helpers on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers as tf
+from conftest import EOS, VOCAB, tiny_model
+from torch.utils.data import DataLoader
+
+from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base
+from fed_adapters.modeling import ModelConfigError, build_model
+from fed_adapters.training import autocast_dtype, evaluate, macro_f1, resolve_device, seed_everything, train
+
+
+def _keyword_task(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Label 1 iff token 5 occurs: learnable by any model that can see its input."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        ids = torch.randint(6, VOCAB, (8,), generator=generator)
+        label = i % 2
+        if label:
+            ids[int(torch.randint(0, 7, (1,), generator=generator))] = 5
+        ids[-1] = EOS
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(label)})
+    return examples
+
+
+def test_adapter_learns_a_learnable_task() -> None:
+    seed_everything(0)
+    config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    model = build_model(config, num_labels=2, pooling="mean")
+    add_adapter(model, AdapterConfig.preset("houlsby", bottleneck_size=16))
+    train_loader = DataLoader(_keyword_task(256, 0), batch_size=32, shuffle=True)
+    test_loader = DataLoader(_keyword_task(128, 1), batch_size=64)
+    before = evaluate(model, test_loader, device="cpu")
+    stats = train(model, train_loader, epochs=15, lr=1e-2, device="cpu")
+    after = evaluate(model, test_loader, device="cpu")
+    assert stats.steps == 15 * 8 and stats.examples == 15 * 256 and stats.seconds > 0
+    assert after["accuracy"] >= 0.8 and after["accuracy"] > before["accuracy"] + 0.2
+    assert after["loss"] < before["loss"] and after["macro_f1"] >= 0.8 and after["num_examples"] == 128
+
+
+def test_proximal_term_pulls_towards_the_reference() -> None:
+    drift = {}
+    for mu in (0.0, 100.0):
+        seed_everything(0)
+        model = tiny_model("bert", num_labels=2)
+        add_adapter(model, AdapterConfig(bottleneck_size=8))
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        train(model, DataLoader(_keyword_task(64, 0), batch_size=16), max_steps=20, lr=1e-2, prox_mu=mu, device="cpu")
+        drift[mu] = math.sqrt(sum(((p - start[n]) ** 2).sum().item() for n, p in model.named_parameters() if p.requires_grad))
+    assert drift[100.0] < 0.5 * drift[0.0]
+
+
+def test_proximal_reference_must_cover_trainable_parameters() -> None:
+    model = tiny_model("bert", num_labels=2)
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    with pytest.raises(ValueError, match="prox_reference lacks trainable parameter"):
+        train(model, DataLoader(_keyword_task(8, 0), batch_size=4), max_steps=1, prox_mu=1.0, prox_reference={}, device="cpu")
+
+
+def test_head_only_training_changes_only_the_head() -> None:
+    model = tiny_model("bert", num_labels=2)
+    freeze_base(model, train_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, DataLoader(_keyword_task(16, 0), batch_size=8), max_steps=2, lr=1e-2, device="cpu")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def test_nothing_trainable_or_empty_loader_are_errors() -> None:
+    model = tiny_model("bert", num_labels=2)
+    freeze_base(model, train_head=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, DataLoader(_keyword_task(4, 0), batch_size=2), max_steps=1, device="cpu")
+    freeze_base(model, train_head=True)
+    with pytest.raises(ValueError, match="data loader is empty"):
+        train(model, DataLoader([], batch_size=2), max_steps=1, device="cpu")
+
+
+def test_macro_f1_matches_hand_computation() -> None:
+    predictions = torch.tensor([0, 0, 1, 1, 2, 0])
+    labels = torch.tensor([0, 1, 1, 1, 2, 2])
+    # class 0: tp1 fp2 fn0 -> 2/4; class 1: tp2 fp0 fn1 -> 4/5; class 2: tp1 fp0 fn1 -> 2/3
+    assert macro_f1(predictions, labels, 3) == pytest.approx((2 / 4 + 4 / 5 + 2 / 3) / 3)
+
+
+def test_causal_lm_evaluation_reports_perplexity() -> None:
+    torch.manual_seed(0)
+    model = build_model(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2), task="causal_lm")
+    add_adapter(model, AdapterConfig.preset("pfeiffer", bottleneck_size=8))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "bottleneck_adapters" not in n)
+    ids = torch.randint(0, VOCAB, (8, 10))
+    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    before = evaluate(model, DataLoader(data, batch_size=4), device="cpu")
+    train(model, DataLoader(data, batch_size=4), epochs=20, lr=1e-2, device="cpu")
+    after = evaluate(model, DataLoader(data, batch_size=4), device="cpu")
+    assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
+    assert after["perplexity"] < before["perplexity"] and "accuracy" not in after
+
+
+def test_device_and_precision_selection() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "fp16") == torch.float16
+    with pytest.raises(ValueError, match="unknown amp mode 'fp8'"):
+        autocast_dtype(torch.device("cpu"), "fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_model_builder_errors() -> None:
+    config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    with pytest.raises(ModelConfigError, match="unknown task 'ner'"):
+        build_model(config, task="ner")
+    with pytest.raises(ModelConfigError, match="unknown pooling 'max'"):
+        build_model(config, pooling="max")
+    with pytest.raises(ModelConfigError, match="num_labels must be an integer >= 2"):
+        build_model(config, num_labels=1)
+    t5 = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(ModelConfigError, match="use pooling='model'"):
+        build_model(t5, pooling="mean")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_pooled_classifier_head_is_the_only_head(pooling: str) -> None:
+    config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    model = build_model(config, num_labels=4, pooling=pooling)
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} < trainable
+    assert all(n.startswith("classifier.") or "bottleneck_adapters" in n for n in trainable)
+    ids = torch.randint(2, VOCAB, (3, 5))
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 3]))
+    assert out.logits.shape == (3, 4) and out.loss.ndim == 0
+    if pooling == "mean":  # padding does not change a mean-pooled example
+        model.eval()
+        short = model(input_ids=ids[:1, :3], attention_mask=mask[:1, :3]).logits
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:1], short, atol=1e-5, rtol=0)
