@@ -1,0 +1,237 @@
+"""The schema of a federated run: one TOML file, validated, resolved and written beside the results.
+
+Every value is a scalar in a named table, because Flower's run config (`flwr run --run-config X.toml`,
+`[tool.flwr.app.config]`) carries only flat `table.key` scalars; the same files drive
+`fed-adapters simulate`. Empty strings and zeros mean "not set" where a field is optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters import AdapterConfig, AdapterConfigError
+from ..configuration import ConfigError, from_mapping, load_toml, to_toml
+from ..data import TextColumns
+from ..modeling import DEFAULT_MODEL, POOLINGS, TASKS
+
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+
+
+@dataclass
+class ModelSection:
+    name: str = DEFAULT_MODEL  # Hub id or local directory
+    task: str = "classification"
+    num_labels: int = 2
+    pooling: str = "mean"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _choice("model.task", self.task, TASKS)
+        _choice("model.pooling", self.pooling, POOLINGS)
+        _at_least("model.num_labels", self.num_labels, 2)
+        _at_least("model.max_length", self.max_length, 8)
+
+
+@dataclass
+class AdapterSection:
+    """AdapterConfig fields; "" / 0 leave a field to the preset or the library default."""
+
+    preset: str = "houlsby"
+    bottleneck_size: int = 16
+    reduction_factor: int = 0
+    non_linearity: str = ""
+    location: str = ""
+    placement: str = ""
+    scaling: float = 0.0
+    init: str = ""
+    dropout: float = 0.0
+    layers: str = ""  # comma-separated layer indices, "" = all
+    leave_out: int = 0
+    train_head: bool = True
+    target_modules: str = ""  # comma-separated names or regexes, "" = the architecture's mapping
+
+    def __post_init__(self) -> None:
+        try:
+            self.to_adapter_config()
+        except AdapterConfigError as error:
+            raise ConfigError(f"adapter: {error}") from None
+
+    def to_adapter_config(self) -> AdapterConfig:
+        fields: dict[str, Any] = {"dropout": self.dropout, "leave_out": self.leave_out, "train_head": self.train_head}
+        for key in ("non_linearity", "location", "placement", "init"):
+            if getattr(self, key):
+                fields[key] = getattr(self, key)
+        if self.bottleneck_size:
+            fields["bottleneck_size"] = self.bottleneck_size
+        if self.reduction_factor:
+            fields["reduction_factor"] = self.reduction_factor
+        if self.scaling:
+            fields["scaling"] = self.scaling
+        if self.layers.strip():
+            try:
+                fields["layers"] = [int(i) for i in self.layers.split(",")]
+            except ValueError:
+                raise AdapterConfigError(f"layers must be comma-separated integers like '0,1,2', got {self.layers!r}") from None
+        if self.target_modules.strip():
+            fields["target_modules"] = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if self.preset:
+            return AdapterConfig.preset(self.preset, **fields)
+        return AdapterConfig(**fields)
+
+
+@dataclass
+class DataSection:
+    source: str = "sst2"  # Hub id, file, or folder (also under data_root / FED_ADAPTERS_DATA_ROOT)
+    data_root: str = ""
+    subset: str = ""  # Hub configuration name, e.g. "sst2" of "nyu-mll/glue"
+    train_split: str = "train"
+    test_split: str = "validation"  # the held-out split the server evaluates on
+    text: str = "text"
+    text_pair: str = ""
+    label: str = "label"
+    train_size: int = 0  # 0 = every training example
+    test_size: int = 0  # 0 = the whole held-out split
+
+    @property
+    def columns(self) -> TextColumns:
+        return TextColumns(self.text, self.text_pair or None, self.label)
+
+
+@dataclass
+class PartitionSection:
+    method: str = "iid"
+    num_clients: int = 10  # ignored by "natural": one client per distinct value of `column`
+    alpha: float = 0.5  # Dirichlet concentration
+    labels_per_client: int = 2  # pathological
+    column: str = "client_id"  # natural
+    min_client_size: int = 2  # Dirichlet resamples until every client holds at least this many
+    local_test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _choice("partition.method", self.method, PARTITIONERS)
+        _at_least("partition.num_clients", self.num_clients, 1)
+        if not 0.0 < self.local_test_fraction < 1.0:
+            raise ConfigError(f"partition.local_test_fraction must lie in (0, 1), got {self.local_test_fraction}")
+        if self.alpha <= 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {self.alpha}")
+        _at_least("partition.labels_per_client", self.labels_per_client, 1)
+
+
+@dataclass
+class StrategySection:
+    name: str = "fedavg"
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_clients: int = 2
+    proximal_mu: float = 0.0  # FedProx
+    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad (eta)
+    tau: float = 1e-3
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
+    krum_malicious: int = 0  # Krum: assumed malicious clients
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _choice("strategy.name", self.name, STRATEGIES)
+        _at_least("strategy.num_rounds", self.num_rounds, 1)
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"strategy.{key} must lie in [0, 1], got {getattr(self, key)}")
+
+
+@dataclass
+class TrainSection:
+    local_epochs: float = 1.0
+    local_steps: int = 0  # > 0 overrides local_epochs
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    device: str = "auto"
+    amp: str = "auto"
+
+    def __post_init__(self) -> None:
+        _at_least("train.batch_size", self.batch_size, 1)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class SimulationSection:
+    num_cpus: float = 1.0  # per virtual client (Ray actor)
+    num_gpus: float = 0.0  # per virtual client; 0.25 puts four clients on one GPU
+    ray_num_cpus: int = 0  # CPUs Ray may use in all, 0 = every core
+    ray_num_gpus: int = -1  # GPUs Ray may use in all, -1 = every visible GPU
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0:
+            raise ConfigError(f"simulation.num_cpus must be > 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"simulation.num_gpus must be >= 0, got {self.num_gpus}")
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "run"
+    results_dir: str = "results"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataSection = field(default_factory=DataSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    train: TrainSection = field(default_factory=TrainSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return to_toml(self.to_dict())
+
+    def flat(self) -> dict[str, Any]:
+        """`table.key` -> value, the shape of Flower's run config."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{name}": item for name, item in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return load_toml(path, RunConfig, overrides)
+
+
+def run_config_from_flat(flat: dict[str, Any]) -> RunConfig:
+    """Rebuilds a RunConfig from Flower's flat `table.key` run config."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        table, _, name = key.partition(".")
+        if name:
+            nested.setdefault(table, {})[name] = value
+        else:
+            nested[table] = value
+    return from_mapping(RunConfig, nested)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")

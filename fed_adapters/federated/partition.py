@@ -1,0 +1,116 @@
+"""Splitting one data set into client shards (flwr-datasets partitioners) and each shard into train/test.
+
+Partitioning is a pure function of (data set, partition config, seed): every process that needs a shard
+(the server for the summary, each Ray actor for its clients) computes the same split independently,
+so no data has to travel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+from ..configuration import ConfigError
+from .config import PartitionSection
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    train: datasets.Dataset
+    test: datasets.Dataset
+
+
+def make_partitioner(section: PartitionSection, label_column: str, seed: int) -> Partitioner:
+    if section.method == "iid":
+        return IidPartitioner(num_partitions=section.num_clients)
+    if section.method == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=section.num_clients, partition_by=label_column, alpha=section.alpha,
+            min_partition_size=section.min_client_size, self_balancing=False, seed=seed,
+        )
+    if section.method == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=section.num_clients, partition_by=label_column,
+            num_classes_per_partition=section.labels_per_client, seed=seed,
+        )
+    return NaturalIdPartitioner(partition_by=section.column)
+
+
+def partition(dataset: datasets.Dataset, section: PartitionSection, label_column: str, seed: int) -> list[datasets.Dataset]:
+    """The clients' shards, in partition-id order."""
+    needed = section.column if section.method == "natural" else label_column
+    if needed not in dataset.column_names:
+        what = "partition.column" if section.method == "natural" else "data.label"
+        raise ConfigError(f"{section.method} partitioning needs column {needed!r} ({what}); the data has {dataset.column_names}")
+    if section.method != "natural" and section.num_clients > len(dataset):
+        raise ConfigError(
+            f"partition.num_clients = {section.num_clients} is more clients than the {len(dataset)} training examples; "
+            "use fewer clients or more data (data.train_size)"
+        )
+    if section.method == "pathological":
+        classes = len(set(dataset[label_column]))
+        if section.labels_per_client > classes:
+            raise ConfigError(f"partition.labels_per_client = {section.labels_per_client} exceeds the {classes} classes in the data")
+    partitioner = make_partitioner(section, label_column, seed)
+    # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
+    partitioner.dataset = dataset.shuffle(seed=seed) if section.method == "iid" else dataset
+    try:
+        return [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
+    except ValueError as error:
+        raise ConfigError(f"{section.method} partitioning failed: {error}") from None
+
+
+def split_shard(shard: datasets.Dataset, test_fraction: float, seed: int, client: int) -> ClientShard:
+    """A client's local train/test split; both sides get at least one example."""
+    if len(shard) < 2:
+        raise ConfigError(
+            f"client {client} holds {len(shard)} example(s), too few for a local train/test split; "
+            "use fewer clients, more data or a larger partition.min_client_size"
+        )
+    test_size = min(max(1, round(test_fraction * len(shard))), len(shard) - 1)
+    split = shard.train_test_split(test_size=test_size, seed=seed + client, shuffle=True)
+    return ClientShard(split["train"], split["test"])
+
+
+def client_shards(dataset: datasets.Dataset, section: PartitionSection, label_column: str, seed: int) -> list[ClientShard]:
+    shards = partition(dataset, section, label_column, seed)
+    return [split_shard(s, section.local_test_fraction, seed, i) for i, s in enumerate(shards)]
+
+
+def summarize(shards: list[ClientShard], label_column: str) -> list[dict]:
+    """Per client: train/test sizes and the training label histogram."""
+    rows = []
+    for client, shard in enumerate(shards):
+        histogram = Counter(shard.train[label_column]) if label_column in shard.train.column_names else Counter()
+        rows.append({
+            "client": client,
+            "train_examples": len(shard.train),
+            "test_examples": len(shard.test),
+            "labels": {str(k): v for k, v in sorted(histogram.items())},
+        })
+    return rows
+
+
+def format_summary(rows: list[dict], limit: int = 12) -> str:
+    lines = [f"{'client':>6} {'train':>7} {'test':>6}  labels (train)"]
+    for row in rows[:limit]:
+        labels = " ".join(f"{k}:{v}" for k, v in row["labels"].items())
+        lines.append(f"{row['client']:>6} {row['train_examples']:>7} {row['test_examples']:>6}  {labels}")
+    if len(rows) > limit:
+        lines.append(f"   ... {len(rows) - limit} more clients (all in partition.json)")
+    return "\n".join(lines)
+
+
+def write_summary(rows: list[dict], path: Path, method: str) -> None:
+    path.write_text(json.dumps({"method": method, "clients": rows}, indent=2) + "\n")

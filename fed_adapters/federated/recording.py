@@ -1,0 +1,99 @@
+"""Per-round records of a federated run, measured on the messages themselves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+
+def _arrays(message: Message) -> ArrayRecord | None:
+    return message.content.array_records.get("arrays") if not message.has_error() else None
+
+
+def tensor_bytes(arrays: ArrayRecord) -> int:
+    """Bytes of tensor data alone (numel x itemsize), without serialization headers or key names."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
+
+
+class RoundRecorder:
+    """Collects, per round: traffic both ways, replies and failures, client time, global metrics."""
+
+    def __init__(self, num_rounds: int, verbose: bool = True, keep_updates: bool = False) -> None:
+        self.num_rounds = num_rounds
+        self.verbose = verbose
+        self.records: list[dict] = []
+        self.wire_keys: dict[str, set[str]] = {"down": set(), "up": set()}
+        # round -> [(num-examples, {name: array})] of the clients' replies, for audits of the aggregation
+        self.updates: dict[int, list[tuple[int, dict[str, np.ndarray]]]] | None = {} if keep_updates else None
+        self._current: dict = {}
+
+    def sent(self, server_round: int, messages: Sequence[Message], phase: str) -> None:
+        if phase == "train":
+            self._current = {"round": server_round, "started": time.perf_counter()}
+        arrays = [a for a in map(_arrays, messages) if a is not None]
+        for record in arrays:
+            self.wire_keys["down"].update(record.keys())
+        prefix = "" if phase == "train" else "eval_"
+        self._current[f"{prefix}clients_sampled"] = len(messages)
+        self._current[f"{prefix}bytes_down"] = sum(a.count_bytes() for a in arrays)
+        self._current[f"{prefix}tensor_bytes_down"] = sum(tensor_bytes(a) for a in arrays)
+
+    def received(self, server_round: int, replies: Sequence[Message], phase: str) -> None:
+        ok = [r for r in replies if not r.has_error()]
+        if phase == "train":
+            arrays = [a for a in map(_arrays, ok) if a is not None]
+            for record in arrays:
+                self.wire_keys["up"].update(record.keys())
+            metrics = [r.content.metric_records["metrics"] for r in ok]
+            examples = sum(m["num-examples"] for m in metrics)
+            if self.updates is not None:
+                self.updates[server_round] = [
+                    (int(m["num-examples"]), {k: v.numpy() for k, v in a.items()}) for m, a in zip(metrics, arrays)
+                ]
+            self._current.update(
+                clients_replied=len(ok),
+                clients_failed=len(replies) - len(ok),
+                bytes_up=sum(a.count_bytes() for a in arrays),
+                tensor_bytes_up=sum(tensor_bytes(a) for a in arrays),
+                train_examples=int(examples),
+                train_loss=sum(m["train-loss"] * m["num-examples"] for m in metrics) / examples if examples else float("nan"),
+                client_train_seconds_max=max((m["train-seconds"] for m in metrics), default=0.0),
+                client_train_seconds_sum=sum(m["train-seconds"] for m in metrics),
+                client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
+            )
+        else:
+            metrics = [r.content.metric_records["metrics"] for r in ok]
+            examples = sum(m["num-examples"] for m in metrics)
+            self._current["eval_clients_replied"] = len(ok)
+            if examples and all("accuracy" in m for m in metrics):
+                self._current["client_accuracy"] = sum(m["accuracy"] * m["num-examples"] for m in metrics) / examples
+
+    def evaluated(self, server_round: int, metrics: dict[str, float]) -> None:
+        """The server's evaluation closes a round (round 0: the initial adapter, before any training)."""
+        keep = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "loss", "macro_f1", "perplexity")}
+        if server_round == 0:
+            self.records.append({"round": 0, **keep, "seconds": 0.0})
+        else:
+            record = dict(self._current)
+            started = record.pop("started", time.perf_counter())
+            record.update(round=server_round, **keep, seconds=time.perf_counter() - started)
+            self.records.append(record)
+            self._current = {}
+        if self.verbose:
+            print(self.format_line(self.records[-1]), flush=True)
+
+    def format_line(self, record: dict) -> str:
+        parts = [f"round {record['round']:>3}/{self.num_rounds}"]
+        if "accuracy" in record:
+            parts.append(f"acc {100 * record['accuracy']:6.2f}%")
+        if "perplexity" in record:
+            parts.append(f"ppl {record['perplexity']:8.2f}")
+        parts.append(f"loss {record.get('loss', float('nan')):.4f}")
+        if record["round"] > 0:
+            parts.append(f"clients {record.get('clients_replied', 0)}/{record.get('clients_sampled', 0)}")
+            parts.append(f"down {record.get('bytes_down', 0) / 1e6:.2f} MB up {record.get('bytes_up', 0) / 1e6:.2f} MB")
+            parts.append(f"{record['seconds']:.1f} s")
+        return "  ".join(parts)

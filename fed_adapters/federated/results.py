@@ -1,0 +1,105 @@
+"""The run directory: resolved config, per-round metrics (JSON and CSV), the accuracy plot, the summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: simulations run headless
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ..configuration import ConfigError  # noqa: E402
+from .config import RunConfig  # noqa: E402
+
+RESULT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "adapter")
+# Column order of metrics.csv: global metrics first, then traffic, clients and time.
+ROUND_FIELDS = (
+    "round", "accuracy", "loss", "macro_f1", "perplexity", "clients_sampled", "clients_replied", "clients_failed",
+    "bytes_down", "bytes_up", "tensor_bytes_down", "tensor_bytes_up", "seconds", "train_loss", "train_examples",
+    "client_train_seconds_max", "client_train_seconds_sum", "client_accuracy", "eval_clients_sampled",
+    "eval_clients_replied", "eval_bytes_down", "eval_tensor_bytes_down", "client_gpus",
+)
+
+
+def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
+    """Creates the run directory and writes the resolved config; refuses to overwrite earlier results."""
+    run_dir = config.run_dir
+    existing = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds results ({', '.join(existing)}); choose another run name "
+            "(--set run_name=...) or pass --overwrite"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    return run_dir
+
+
+def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: float, num_clients: int,
+              wire_keys: dict[str, set[str]] | None = None) -> None:
+    metadata = {
+        "run_name": config.run_name,
+        "strategy": config.strategy.name,
+        "partition": config.partition.method,
+        "num_clients": num_clients,
+        "num_rounds": config.strategy.num_rounds,
+        "model": config.model.name,
+        "seed": config.seed,
+        "seconds": seconds,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fed_adapters": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if wire_keys is not None:
+        metadata["tensors_down"] = sorted(wire_keys["down"])
+        metadata["tensors_up"] = sorted(wire_keys["up"])
+    (run_dir / "metrics.json").write_text(json.dumps({"run": metadata, "rounds": records}, indent=2) + "\n")
+    present = list(dict.fromkeys(key for record in records for key in record))
+    columns = [f for f in ROUND_FIELDS if f in present] + [f for f in present if f not in ROUND_FIELDS]
+    with (run_dir / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    plot_accuracy(records, run_dir / "accuracy.png", title=f"{config.run_name} ({config.strategy.name}, {num_clients} clients)")
+
+
+def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
+    metric = "accuracy" if any("accuracy" in r for r in records) else "perplexity"
+    rounds = [r["round"] for r in records if metric in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(rounds, [r[metric] * (100 if metric == "accuracy" else 1) for r in records if metric in r], marker="o",
+            label="global adapter, held-out split")
+    if any("client_accuracy" in r for r in records):
+        ax.plot([r["round"] for r in records if "client_accuracy" in r],
+                [100 * r["client_accuracy"] for r in records if "client_accuracy" in r], marker="s", linestyle="--",
+                label="clients' local test (weighted)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_rounds(records: list[dict]) -> str:
+    header = f"{'round':>5} {'acc %':>7} {'loss':>7} {'F1 %':>6} {'clients':>8} {'failed':>6} {'down MB':>8} {'up MB':>7} {'sec':>6}"
+    lines = [header, "-" * len(header)]
+    for r in records:
+        acc = f"{100 * r['accuracy']:7.2f}" if "accuracy" in r else f"{'-':>7}"
+        f1 = f"{100 * r['macro_f1']:6.2f}" if "macro_f1" in r else f"{'-':>6}"
+        lines.append(
+            f"{r['round']:>5} {acc} {r.get('loss', float('nan')):7.4f} {f1} "
+            f"{r.get('clients_replied', 0):>4}/{r.get('clients_sampled', 0):<3} {r.get('clients_failed', 0):>6} "
+            f"{r.get('bytes_down', 0) / 1e6:8.3f} {r.get('bytes_up', 0) / 1e6:7.3f} {r['seconds']:6.1f}"
+        )
+    return "\n".join(lines)

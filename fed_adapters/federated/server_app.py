@@ -1,0 +1,73 @@
+"""The Flower ServerApp: aggregates adapter tensors with a Flower strategy, evaluates, checkpoints, records.
+
+`run_federation(grid, config)` is the whole server side; the module-level `app` wraps it for `flwr run`
+(configuration from Flower's flat run config) and `simulation.simulate` wraps it for in-process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from ..adapters import save_adapter
+from ..data import make_loader
+from ..training import evaluate, seed_everything
+from . import results
+from .client_app import RUN_CONFIG_KEY
+from .config import RunConfig, run_config_from_flat
+from .recording import RoundRecorder
+from .strategies import make_strategy
+from .partition import format_summary, summarize, write_summary
+from .task import initial_arrays, load_arrays, model_and_tokenizer, shards, test_data, tokenized
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, run_config_from_flat(dict(context.run_config)))
+
+
+def run_federation(
+    grid: Grid, config: RunConfig, verbose: bool = True, overwrite: bool = False, keep_updates: bool = False
+) -> RoundRecorder:
+    """Runs `config.strategy.num_rounds` rounds and writes the run directory; returns what was recorded."""
+    seed_everything(config.seed)
+    run_dir = results.prepare_run_dir(config, overwrite)
+    client_shards = shards(config)
+    summary = summarize(client_shards, config.data.label)
+    write_summary(summary, run_dir / "partition.json", config.partition.method)
+    if verbose:
+        print(f"partition ({config.partition.method}, {len(client_shards)} clients):\n{format_summary(summary)}", flush=True)
+
+    model, tokenizer = model_and_tokenizer(config)
+    test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer,
+                              config.train.eval_batch_size, task=config.model.task)
+    recorder = RoundRecorder(config.strategy.num_rounds, verbose=verbose, keep_updates=keep_updates)
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_arrays(model, arrays)
+        metrics = evaluate(model, test_loader, device=config.train.device, amp=config.train.amp)
+        if server_round > 0:
+            save_adapter(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
+        recorder.evaluated(server_round, metrics)
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    strategy = make_strategy(config, len(client_shards), recorder)
+    run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict())})
+    started = time.perf_counter()
+    result = strategy.start(
+        grid=grid, initial_arrays=initial_arrays(model), num_rounds=config.strategy.num_rounds,
+        timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
+        evaluate_fn=evaluate_global,
+    )
+    load_arrays(model, result.arrays)
+    save_adapter(model, run_dir / "adapter")
+    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, len(client_shards), recorder.wire_keys)
+    if verbose:
+        print(results.format_rounds(recorder.records), flush=True)
+        print(f"results in {run_dir}", flush=True)
+    return recorder

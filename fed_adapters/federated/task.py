@@ -1,0 +1,92 @@
+"""Per-process state of a federated run: the frozen base (built once) and the data shards.
+
+Ray keeps a simulation's actors alive for the whole run and Flower calls the ClientApp in them for every
+virtual client and round. Building a transformer per call would dominate the round time, so the base with
+its adapter is cached here, in an importable module, keyed by everything that shapes it; a client call
+only overwrites the adapter and head tensors with the ones in the message.
+"""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+from flwr.app import ArrayRecord
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..adapters import add_adapter, adapter_state_dict, load_adapter_state_dict
+from ..data import load_split, tokenize_dataset
+from ..modeling import load_model, load_tokenizer
+from ..training import seed_everything
+from .config import RunConfig
+from .partition import ClientShard, client_shards
+
+_MODELS: dict[str, tuple[nn.Module, PreTrainedTokenizerBase]] = {}
+_SHARDS: dict[str, list[ClientShard]] = {}
+_TOKENIZED: dict[tuple[str, int, str], datasets.Dataset] = {}
+
+
+def _key(*parts: object) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def model_and_tokenizer(config: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The base with its adapter, built on first use in this process and reused afterwards."""
+    key = _key(config.model, config.adapter.to_adapter_config().to_dict())
+    if key not in _MODELS:
+        seed_everything(config.seed)
+        m = config.model
+        model = load_model(m.name, task=m.task, num_labels=m.num_labels, pooling=m.pooling)
+        add_adapter(model, config.adapter.to_adapter_config())
+        _MODELS[key] = (model, load_tokenizer(m.name))
+    return _MODELS[key]
+
+
+def initial_arrays(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord(adapter_state_dict(model))
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Overwrites the adapter (and head) with the message's tensors; refuses anything else."""
+    load_adapter_state_dict(model, arrays.to_torch_state_dict())
+
+
+def training_data(config: RunConfig) -> datasets.Dataset:
+    d = config.data
+    dataset = load_split(d.source, d.train_split, d.data_root or None, d.subset or None)
+    if d.train_size:
+        dataset = dataset.shuffle(seed=config.seed).select(range(min(d.train_size, len(dataset))))
+    return dataset
+
+
+def test_data(config: RunConfig) -> datasets.Dataset:
+    d = config.data
+    dataset = load_split(d.source, d.test_split, d.data_root or None, d.subset or None)
+    return dataset.select(range(min(d.test_size, len(dataset)))) if d.test_size else dataset
+
+
+def shards(config: RunConfig) -> list[ClientShard]:
+    """Every client's raw train/test shard (deterministic in the config, so computed independently per process)."""
+    key = _key(config.data, config.partition, config.seed)
+    if key not in _SHARDS:
+        _SHARDS[key] = client_shards(training_data(config), config.partition, config.data.label, config.seed)
+    return _SHARDS[key]
+
+
+def tokenized(config: RunConfig, dataset: datasets.Dataset, cache_key: tuple[int, str]) -> datasets.Dataset:
+    key = (_key(config.data, config.partition, config.model, config.seed), *cache_key)
+    if key not in _TOKENIZED:
+        _, tokenizer = model_and_tokenizer(config)
+        m = config.model
+        _TOKENIZED[key] = tokenize_dataset(dataset, tokenizer, config.data.columns, m.max_length, m.num_labels, m.task)
+    return _TOKENIZED[key]
+
+
+def client_data(config: RunConfig, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A client's tokenized local train and test splits."""
+    all_shards = shards(config)
+    if not 0 <= partition_id < len(all_shards):
+        raise ValueError(f"partition-id {partition_id} out of range: the partitioning has {len(all_shards)} clients")
+    shard = all_shards[partition_id]
+    return tokenized(config, shard.train, (partition_id, "train")), tokenized(config, shard.test, (partition_id, "test"))

@@ -1,0 +1,84 @@
+"""Partitioners give the promised skew; bad partition requests fail clearly."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import datasets
+import pytest
+
+from fed_adapters.configuration import ConfigError
+from fed_adapters.federated.config import PartitionSection
+from fed_adapters.federated.partition import client_shards, format_summary, partition, split_shard, summarize
+
+
+def _balanced(n: int = 2000, classes: int = 4) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({
+        "text": [f"example {i}" for i in range(n)],
+        "label": [i % classes for i in range(n)],
+        "client_id": [f"site-{i % 5}" for i in range(n)],
+    })
+
+
+def _dominant_share(shard: datasets.Dataset) -> float:
+    counts = Counter(shard["label"])
+    return max(counts.values()) / len(shard)
+
+
+def test_iid_shards_are_equal_sized_and_label_balanced() -> None:
+    shards = partition(_balanced(), PartitionSection(method="iid", num_clients=10), "label", seed=0)
+    assert [len(s) for s in shards] == [200] * 10
+    assert max(_dominant_share(s) for s in shards) < 0.4  # 4 balanced classes: about 0.25 each
+    assert sorted(t for s in shards for t in s["text"]) == sorted(_balanced()["text"])  # disjoint and complete
+
+
+def test_dirichlet_low_alpha_skews_labels() -> None:
+    data = _balanced()
+    skewed = partition(data, PartitionSection(method="dirichlet", num_clients=10, alpha=0.1), "label", seed=0)
+    mild = partition(data, PartitionSection(method="dirichlet", num_clients=10, alpha=100.0), "label", seed=0)
+    assert sum(len(s) for s in skewed) == len(data)
+    mean_dominant = sum(_dominant_share(s) for s in skewed) / 10
+    assert mean_dominant > 0.7 > sum(_dominant_share(s) for s in mild) / 10
+
+
+def test_pathological_gives_k_labels_per_client() -> None:
+    shards = partition(_balanced(), PartitionSection(method="pathological", num_clients=8, labels_per_client=1), "label", 0)
+    assert all(len(set(s["label"])) == 1 for s in shards)
+    shards = partition(_balanced(), PartitionSection(method="pathological", num_clients=8, labels_per_client=2), "label", 0)
+    assert all(len(set(s["label"])) == 2 for s in shards)
+
+
+def test_natural_partition_follows_the_column() -> None:
+    shards = partition(_balanced(), PartitionSection(method="natural", column="client_id"), "label", seed=0)
+    assert len(shards) == 5 and all(len(set(s["client_id"])) == 1 for s in shards)
+
+
+def test_partitioning_is_seeded() -> None:
+    section = PartitionSection(method="dirichlet", num_clients=6, alpha=0.3)
+    first = [list(s["text"]) for s in partition(_balanced(), section, "label", seed=1)]
+    assert first == [list(s["text"]) for s in partition(_balanced(), section, "label", seed=1)]
+    assert first != [list(s["text"]) for s in partition(_balanced(), section, "label", seed=2)]
+
+
+def test_local_train_test_split_and_summary(tmp_path) -> None:
+    shards = client_shards(_balanced(100, 2), PartitionSection(num_clients=4, local_test_fraction=0.2), "label", 0)
+    assert [(len(s.train), len(s.test)) for s in shards] == [(20, 5)] * 4
+    assert not set(shards[0].train["text"]) & set(shards[0].test["text"])
+    rows = summarize(shards, "label")
+    assert rows[0]["train_examples"] == 20 and sum(rows[0]["labels"].values()) == 20
+    assert "client" in format_summary(rows).splitlines()[0]
+
+
+def test_partition_errors() -> None:
+    with pytest.raises(ConfigError, match="num_clients = 50 is more clients than the 20 training examples"):
+        partition(_balanced(20), PartitionSection(num_clients=50), "label", 0)
+    with pytest.raises(ConfigError, match="needs column 'domain' \\(partition.column\\)"):
+        partition(_balanced(), PartitionSection(method="natural", column="domain"), "label", 0)
+    with pytest.raises(ConfigError, match="needs column 'stars' \\(data.label\\)"):
+        partition(_balanced(), PartitionSection(method="dirichlet"), "stars", 0)
+    with pytest.raises(ConfigError, match="labels_per_client = 5 exceeds the 4 classes"):
+        partition(_balanced(), PartitionSection(method="pathological", labels_per_client=5), "label", 0)
+    with pytest.raises(ConfigError, match="is not one of iid, dirichlet, pathological, natural"):
+        PartitionSection(method="by-size")
+    with pytest.raises(ConfigError, match="client 3 holds 1 example"):
+        split_shard(_balanced(1), 0.2, 0, client=3)
