@@ -46,6 +46,33 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+@dataclass
+class Optimization:
+    """Hyperparameters of local training shared by centralized and federated configs (TOML tables)."""
+
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    device: str = "auto"
+    amp: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown amp mode {self.amp!r}; valid: {', '.join(AMP_MODES)}")
+
+    def train_kwargs(self) -> dict:
+        """The keyword arguments of `train` that this table sets."""
+        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                    max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float  # mean training loss over all steps

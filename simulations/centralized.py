@@ -25,7 +25,7 @@ from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base, train
 from fed_adapters.configuration import ConfigError, load_toml, to_toml
 from fed_adapters.data import TextColumns, load_split, make_loader, tokenize_dataset
 from fed_adapters.modeling import DEFAULT_MODEL, load_model, load_tokenizer
-from fed_adapters.training import evaluate, seed_everything, train
+from fed_adapters.training import Optimization, evaluate, seed_everything, train
 
 METHODS = ("adapter", "head", "full")
 
@@ -47,16 +47,8 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(Optimization):
     epochs: float = 2.0
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    device: str = "auto"
-    amp: str = "auto"
 
 
 @dataclass
@@ -95,10 +87,7 @@ def run_variant(config: CentralizedConfig, variant: Variant, train_set, eval_set
     counts = trainable_parameters(model)
     t = config.train
     loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=config.seed)
-    stats = train(
-        model, loader, epochs=t.epochs, lr=variant.lr or t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-        max_grad_norm=t.max_grad_norm, device=t.device, amp=t.amp, progress=True,
-    )
+    stats = train(model, loader, epochs=t.epochs, progress=True, **{**t.train_kwargs(), "lr": variant.lr or t.lr})
     metrics = evaluate(model, make_loader(eval_set, tokenizer, t.eval_batch_size), device=t.device, amp=t.amp)
     return {
         "variant": variant.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,3 +85,31 @@ def test_centralized_benchmark_script_writes_results(tmp_path) -> None:
     resolved = (tmp_path / "sst2" / "config.toml").read_text()
     assert "train_size = 64" in resolved and 'name = "houlsby-m16"' in resolved
     assert centralized.main([str(config), "--only", "nope"]) == 2
+
+
+def test_simulate_cli_runs_minilm_on_an_sst2_slice(tmp_path) -> None:
+    """`fed-adapters simulate` end to end: MiniLM, 2 IID clients, 2 rounds, real SST-2 sentences."""
+    repo = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "fed_adapters.cli", "simulate", str(repo / "configs" / "quickstart.toml"),
+        "--set", f"data.data_root={SHARED_DATA}", "--set", f"results_dir={tmp_path}", "--set", "run_name=slice",
+        "--set", "data.train_size=160", "--set", "data.test_size=64", "--set", "partition.num_clients=2",
+        "--set", "strategy.num_rounds=2", "--set", "train.local_steps=4",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "slice"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "accuracy.png", "adapter", "checkpoints", "config.toml", "metrics.csv", "metrics.json", "partition.json",
+    ]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert metrics["run"]["num_clients"] == 2 and metrics["run"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    per_client = 12 * (2 * 384 * 16 + 384 + 16) + 384 * 2 + 2  # Houlsby m=16 on 6 layers, plus the head
+    assert all(r["tensor_bytes_up"] == 2 * 4 * per_client for r in metrics["rounds"][1:])
+    assert all(not name.startswith("encoder.") for name in metrics["run"]["tensors_up"])  # no base weight left a client
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert [c["train_examples"] + c["test_examples"] for c in partition["clients"]] == [80, 80]
+    assert "round" in done.stdout and "acc" in done.stdout  # progress lines and the summary table
+    model = load_model(num_labels=2)
+    assert load_adapter(model, run_dir / "adapter") == "default"

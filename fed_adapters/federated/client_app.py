@@ -45,11 +45,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
     seed_everything(call_seed)
     t = config.train
     loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=call_seed, task=config.model.task)
-    stats = train(
-        model, loader, epochs=t.local_epochs, max_steps=t.local_steps or None, lr=t.lr, weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, device=t.device, amp=t.amp,
-        prox_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-    )
+    stats = train(model, loader, epochs=t.local_epochs, max_steps=t.local_steps or None, **t.train_kwargs(),
+                  prox_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     metrics = MetricRecord({
         "num-examples": len(train_set),
         "train-loss": stats.loss,

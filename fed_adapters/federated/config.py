@@ -16,6 +16,7 @@ from ..adapters import AdapterConfig, AdapterConfigError
 from ..configuration import ConfigError, from_mapping, load_toml, to_toml
 from ..data import TextColumns
 from ..modeling import DEFAULT_MODEL, POOLINGS, TASKS
+from ..training import Optimization
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
@@ -145,22 +146,9 @@ class StrategySection:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(Optimization):
     local_epochs: float = 1.0
     local_steps: int = 0  # > 0 overrides local_epochs
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    device: str = "auto"
-    amp: str = "auto"
-
-    def __post_init__(self) -> None:
-        _at_least("train.batch_size", self.batch_size, 1)
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
 
 @dataclass
