@@ -21,7 +21,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from .federated.simulation import simulate
 
     config = load_run_config(args.config, args.overrides)
-    simulate(config, overwrite=args.overwrite)
+    simulate(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
     return 0
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set strategy.num_rounds=5 (repeatable)")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in the run directory")
+    sim.add_argument("--flower-logs", action="store_true", help="also show Flower's own INFO log lines")
     sim.set_defaults(handler=_simulate)
     return parser
 

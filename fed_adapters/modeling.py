@@ -110,6 +110,11 @@ def build_model(config: PretrainedConfig, task: str = "classification", num_labe
 
 
 def _assemble(config: PretrainedConfig, task: str, num_labels: int, pooling: str, source: str | None) -> nn.Module:
+    """The task model, in eval mode (as `from_pretrained` returns it; `train()` switches to training)."""
+    return _task_model(config, task, num_labels, pooling, source).eval()
+
+
+def _task_model(config: PretrainedConfig, task: str, num_labels: int, pooling: str, source: str | None) -> nn.Module:
     if task not in TASKS:
         raise ModelConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if task == "causal_lm":

@@ -107,7 +107,8 @@ def test_simulate_cli_runs_minilm_on_an_sst2_slice(tmp_path) -> None:
     assert metrics["run"]["num_clients"] == 2 and metrics["run"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     per_client = 12 * (2 * 384 * 16 + 384 + 16) + 384 * 2 + 2  # Houlsby m=16 on 6 layers, plus the head
     assert all(r["tensor_bytes_up"] == 2 * 4 * per_client for r in metrics["rounds"][1:])
-    assert all(not name.startswith("encoder.") for name in metrics["run"]["tensors_up"])  # no base weight left a client
+    sent = metrics["run"]["tensors_up"]  # no base weight left a client: adapter tensors and the head only
+    assert len(sent) == 12 * 4 + 2 and all(n.startswith("head.") or n.split(".")[-2] in ("down", "up") for n in sent)
     partition = json.loads((run_dir / "partition.json").read_text())
     assert [c["train_examples"] + c["test_examples"] for c in partition["clients"]] == [80, 80]
     assert "round" in done.stdout and "acc" in done.stdout  # progress lines and the summary table

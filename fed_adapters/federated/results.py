@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: simulations run headless
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 from .. import __version__  # noqa: E402
@@ -81,6 +82,7 @@ def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
         ax.plot([r["round"] for r in records if "client_accuracy" in r],
                 [100 * r["client_accuracy"] for r in records if "client_accuracy" in r], marker="s", linestyle="--",
                 label="clients' local test (weighted)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity")
     ax.set_title(title)

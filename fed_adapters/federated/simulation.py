@@ -8,6 +8,7 @@ spread over all of them; `simulation.ray_num_gpus` caps how many Ray may use.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from flwr.app import Context
@@ -32,8 +33,14 @@ def backend_config(config: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, "init_args": init_args}
 
 
-def simulate(config: RunConfig, overwrite: bool = False, verbose: bool = True, keep_updates: bool = False) -> RoundRecorder:
-    """Runs the federation described by `config`; returns its records (also written to the run directory)."""
+def simulate(
+    config: RunConfig, overwrite: bool = False, verbose: bool = True, keep_updates: bool = False, flower_logs: bool = False
+) -> RoundRecorder:
+    """Runs the federation described by `config`; returns its records (also written to the run directory).
+
+    Flower's own INFO logs repeat what the per-round lines say; they are shown only with `flower_logs`.
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if flower_logs else logging.WARNING)
     prepare_run_dir(config, overwrite)  # fail before Ray starts if earlier results are in the way
     num_clients = len(shards(config))
     outcome: list[RoundRecorder] = []
