@@ -43,33 +43,35 @@ class RoundRecorder:
 
     def received(self, server_round: int, replies: Sequence[Message], phase: str) -> None:
         ok = [r for r in replies if not r.has_error()]
-        if phase == "train":
-            arrays = [a for a in map(_arrays, ok) if a is not None]
-            for record in arrays:
-                self.wire_keys["up"].update(record.keys())
-            metrics = [r.content.metric_records["metrics"] for r in ok]
-            examples = sum(m["num-examples"] for m in metrics)
-            if self.updates is not None:
-                self.updates[server_round] = [
-                    (int(m["num-examples"]), {k: v.numpy() for k, v in a.items()}) for m, a in zip(metrics, arrays)
-                ]
-            self._current.update(
-                clients_replied=len(ok),
-                clients_failed=len(replies) - len(ok),
-                bytes_up=sum(a.count_bytes() for a in arrays),
-                tensor_bytes_up=sum(tensor_bytes(a) for a in arrays),
-                train_examples=int(examples),
-                train_loss=sum(m["train-loss"] * m["num-examples"] for m in metrics) / examples if examples else float("nan"),
-                client_train_seconds_max=max((m["train-seconds"] for m in metrics), default=0.0),
-                client_train_seconds_sum=sum(m["train-seconds"] for m in metrics),
-                client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
-            )
-        else:
-            metrics = [r.content.metric_records["metrics"] for r in ok]
-            examples = sum(m["num-examples"] for m in metrics)
+        metrics = [r.content.metric_records["metrics"] for r in ok]
+        examples = sum(m["num-examples"] for m in metrics)
+
+        def weighted_mean(key: str) -> float:
+            return sum(m[key] * m["num-examples"] for m in metrics) / examples if examples else float("nan")
+
+        if phase != "train":
             self._current["eval_clients_replied"] = len(ok)
             if examples and all("accuracy" in m for m in metrics):
-                self._current["client_accuracy"] = sum(m["accuracy"] * m["num-examples"] for m in metrics) / examples
+                self._current["client_accuracy"] = weighted_mean("accuracy")
+            return
+        arrays = [a for a in map(_arrays, ok) if a is not None]
+        for record in arrays:
+            self.wire_keys["up"].update(record.keys())
+        if self.updates is not None:
+            self.updates[server_round] = [
+                (int(m["num-examples"]), {k: v.numpy() for k, v in a.items()}) for m, a in zip(metrics, arrays)
+            ]
+        self._current.update(
+            clients_replied=len(ok),
+            clients_failed=len(replies) - len(ok),
+            bytes_up=sum(a.count_bytes() for a in arrays),
+            tensor_bytes_up=sum(tensor_bytes(a) for a in arrays),
+            train_examples=int(examples),
+            train_loss=weighted_mean("train-loss"),
+            client_train_seconds_max=max((m["train-seconds"] for m in metrics), default=0.0),
+            client_train_seconds_sum=sum(m["train-seconds"] for m in metrics),
+            client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
+        )
 
     def evaluated(self, server_round: int, metrics: dict[str, float]) -> None:
         """The server's evaluation closes a round (round 0: the initial adapter, before any training)."""
