@@ -1,6 +1,8 @@
 """`fed-adapters`: the command line.
 
-    fed-adapters simulate CONFIG.toml [--set key=value ...] [--overwrite] [--debug]
+    fed-adapters simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs] [--debug]
+    fed-adapters export RUN_DIR --client ID OUT_DIR
+    fed-adapters predict ADAPTER_DIR --input FILE.jsonl --output OUT.jsonl [--model NAME_OR_DIR]
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from .configuration import ConfigError
 from .data import DataError
 from .modeling import ModelConfigError
 
-USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, ModelConfigError, FileNotFoundError)
+USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, ModelConfigError, FileNotFoundError,
+               FileExistsError)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -22,6 +25,24 @@ def _simulate(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.overrides)
     simulate(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .federated.export import export_client
+
+    out = export_client(args.run_dir, args.client, args.out_dir)
+    print(f"client {args.client}'s adapter set written to {out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_file
+
+    count = predict_file(args.adapter_dir, args.input, args.output, model_name=args.model, text=args.text,
+                         text_pair=args.text_pair, batch_size=args.batch_size, max_length=args.max_length,
+                         device=args.device, overwrite=args.overwrite)
+    print(f"{count} predictions written to {args.output}")
     return 0
 
 
@@ -36,6 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--overwrite", action="store_true", help="replace results already in the run directory")
     sim.add_argument("--flower-logs", action="store_true", help="also show Flower's own INFO log lines")
     sim.set_defaults(handler=_simulate)
+
+    export = commands.add_parser("export", help="write one client's personal adapter set out of a finished run")
+    export.add_argument("run_dir", help="the run directory, e.g. results/amazon_domains")
+    export.add_argument("--client", type=int, required=True, help="the client's partition id")
+    export.add_argument("out_dir", help="where to write the adapter set (loadable with load_adapter)")
+    export.set_defaults(handler=_export)
+
+    predict = commands.add_parser("predict", help="classify the texts of a JSONL file with a saved adapter (set)")
+    predict.add_argument("adapter_dir")
+    predict.add_argument("--input", required=True, help="JSONL, one object per line with a text column")
+    predict.add_argument("--output", required=True, help="JSONL to write: each input line plus prediction, probabilities")
+    predict.add_argument("--model", default=None, help="base model id or directory (default: the one the adapter records)")
+    predict.add_argument("--text", default="text", help="text column (default: text)")
+    predict.add_argument("--text-pair", default=None, help="second text column, for sentence-pair tasks")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--max-length", type=int, default=128, help="tokens per example, as in training (default: 128)")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    predict.set_defaults(handler=_predict)
     return parser
 
 

@@ -73,6 +73,17 @@ class PooledClassifier(nn.Module):
     def device(self) -> torch.device:
         return self.classifier.weight.device
 
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **encoder_inputs: torch.Tensor) -> torch.Tensor:
+        """The pooled sentence vectors the head reads (served models apply per-client heads to them)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_inputs).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return hidden[:, 0]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -80,14 +91,7 @@ class PooledClassifier(nn.Module):
         labels: torch.Tensor | None = None,
         **encoder_inputs: torch.Tensor,
     ) -> SequenceClassifierOutput:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_inputs).last_hidden_state
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        else:
-            pooled = hidden[:, 0]
+        pooled = self.features(input_ids, attention_mask, **encoder_inputs)
         logits = self.classifier(self.dropout(pooled).to(self.classifier.weight.dtype))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -9,22 +9,20 @@ subset with the same seed, evaluates on the full dev set, prints a table and wri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from common import load_or_explain, parse_args
 
-from fed_adapters import __version__
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base, trainable_parameters
 from fed_adapters.configuration import ConfigError, load_toml, to_toml
 from fed_adapters.data import TextColumns, load_split, make_loader, tokenize_dataset
 from fed_adapters.modeling import DEFAULT_MODEL, load_model, load_tokenizer
+from fed_adapters.provenance import environment
 from fed_adapters.training import Optimization, evaluate, seed_everything, train
 
 METHODS = ("adapter", "head", "full")
@@ -121,15 +119,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="TOML file, e.g. configs/centralized/sst2.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--only", default=None, help="comma-separated variant names to run")
-    args = parser.parse_args(argv)
-    try:
-        config = load_toml(args.config, CentralizedConfig, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    args = parse_args(__doc__, "configs/centralized/sst2.toml", argv,
+                      ("--only", dict(default=None, help="comma-separated variant names to run")))
+    config = load_or_explain(lambda path, overrides: load_toml(path, CentralizedConfig, overrides), args)
+    if config is None:
         return 2
     variants = config.variants
     if args.only:
@@ -177,13 +170,7 @@ def _write_results(out: Path, config: CentralizedConfig, rows: list[dict], n_tra
         "eval_examples": n_eval,
         "results": rows,
         "seconds": time.time() - started,
-        "environment": {
-            "fed_adapters": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "device": config.train.device,
-        },
+        "environment": {**environment(), "device": config.train.device},
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
 

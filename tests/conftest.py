@@ -1,8 +1,11 @@
-"""Tiny random-init models of every supported family, and batches that fit them."""
+"""Tiny random-init models of every supported family and batches that fit them; a tiny local BERT, a
+learnable keyword task and a run config around them, for real (Ray) federations."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the Hub
@@ -12,7 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from fed_adapters.modeling import build_model  # noqa: E402
+from fed_adapters.configuration import from_mapping  # noqa: E402
+from fed_adapters.federated.config import RunConfig  # noqa: E402
+from fed_adapters.modeling import build_model, load_tokenizer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 64
@@ -66,3 +71,54 @@ def family(request) -> str:
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+FILLER = ("the a film movie plot actor scene story music camera light day night city road house table water "
+          "green blue small large early late open close slow quick").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, width-32 BERT with random weights and MiniLM's tokenizer, saved as a local model directory."""
+    tokenizer = load_tokenizer()
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=48, max_position_embeddings=64)
+    tf.BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def keyword_data(tmp_path_factory) -> Path:
+    """Label 1 iff the sentence contains 'excellent': learnable by a frozen random encoder plus adapters."""
+    directory = tmp_path_factory.mktemp("keyword")
+    rng = random.Random(0)
+    for split, n in (("train", 400), ("validation", 120)):
+        rows = []
+        for i in range(n):
+            words = rng.choices(FILLER, k=6)
+            if i % 2:
+                words.insert(rng.randrange(7), "excellent")
+            rows.append({"text": " ".join(words), "label": i % 2, "client_id": f"site-{i % 3}"})
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def tiny_config(tmp_path: Path, base: Path, data: Path, **sections) -> RunConfig:
+    raw = {
+        "run_name": "tiny", "results_dir": str(tmp_path / "results"), "seed": 0,
+        "model": {"name": str(base), "max_length": 16},
+        "adapter": {"preset": "houlsby", "bottleneck_size": 8},
+        "data": {"source": str(data)},
+        "partition": {"method": "iid", "num_clients": 4},
+        "strategy": {"num_rounds": 3, "fraction_evaluate": 0.0},
+        "train": {"local_epochs": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu"},
+        "simulation": {"num_cpus": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return from_mapping(RunConfig, raw)
+
+

@@ -12,17 +12,24 @@ from torch.utils.data import DataLoader
 from fed_adapters.adapters import (
     AdapterConfig,
     AdapterConfigError,
+    AdapterFusion,
     AdapterRoutingError,
     BottleneckAdapter,
+    Fuse,
+    Stack,
     adapter_configs,
     adapter_parameter_count,
     adapter_routing,
+    adapter_state_keys,
     add_adapter,
+    add_fusion,
     deactivate_adapters,
     delete_adapter,
+    fusion_configs,
     set_active_adapter,
     trainable_parameters,
 )
+from fed_adapters.adapters.layer import AdapterLayer
 from fed_adapters.adapters.targets import find_insertion_points
 from fed_adapters.training import train
 
@@ -314,3 +321,76 @@ def test_deepcopy_keeps_adapters_working() -> None:
     clone = copy.deepcopy(model)
     batch = tiny_batch()
     assert torch.equal(logits(clone, batch), logits(model, batch))
+
+
+def _hooked_linear(*names: str) -> tuple[torch.nn.Linear, AdapterLayer]:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 8)
+    layer = AdapterLayer(linear, linear)
+    for name in names:
+        layer[name] = BottleneckAdapter(8, AdapterConfig(bottleneck_size=4, init="bert", scaling=5.0))
+    return linear, layer
+
+
+def test_stack_feeds_each_adapter_the_output_of_the_one_before() -> None:
+    linear, layer = _hooked_linear("a", "b")
+    x = torch.randn(3, 8)
+    y = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    layer.active = Stack("a", "b")
+    after_a = y + layer["a"](y)
+    assert torch.allclose(linear(x), after_a + layer["b"](after_a), atol=1e-6)
+    layer.active = Stack("b", "a")
+    assert not torch.allclose(linear(x), after_a + layer["b"](after_a))  # order matters
+
+
+def test_fusion_starts_as_the_average_and_learns_to_weigh() -> None:
+    linear, layer = _hooked_linear("a", "b")
+    layer["f"] = AdapterFusion(8, dim=4)
+    x = torch.randn(3, 8)
+    y = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    layer.active = Fuse("a", "b", fusion="f")
+    assert torch.allclose(linear(x), y + (layer["a"](y) + layer["b"](y)) / 2, atol=1e-6)
+    with torch.no_grad():
+        layer["f"].query.weight.normal_(std=3.0)
+        layer["f"].key.weight.normal_(std=3.0)
+    out = linear(x) - y
+    weight_a = (out - layer["b"](y)) / (layer["a"](y) - layer["b"](y))  # per coordinate, equal within a token
+    assert torch.allclose(weight_a, weight_a[:, :1].expand_as(weight_a), atol=1e-3)
+    assert ((weight_a[:, 0] > 0) & (weight_a[:, 0] < 1)).all() and not torch.allclose(weight_a[:, 0], torch.full((3,), 0.5))
+
+
+def test_compositions_on_a_model_train_what_they_should() -> None:
+    model = tiny_model("bert")
+    batch = tiny_batch()
+    add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=5.0), name="shared")
+    add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=5.0), name="private")
+    set_active_adapter(model, "shared")
+    shared_only = logits(model, batch)
+
+    set_active_adapter(model, Stack("shared", "private"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".bottleneck_adapters." in n}
+    assert {n.split(".bottleneck_adapters.")[1].split(".")[0] for n in trainable} == {"shared", "private"}
+    assert not torch.allclose(logits(model, batch), shared_only)
+    set_active_adapter(model, Stack("shared", "private"), train=["private"])
+    assert all(".private." in n for n, p in model.named_parameters() if p.requires_grad and ".bottleneck_adapters." in n)
+
+    fuse = add_fusion(model, ["shared", "private"], name="mix", dim=8)
+    assert fuse == Fuse("shared", "private", fusion="mix")
+    set_active_adapter(model, fuse)
+    assert model.active_adapter == fuse
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, DataLoader([batch] * 3, batch_size=None), max_steps=3, lr=1e-2, device="cpu")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".mix." in n or n.startswith("classifier.") for n in changed)  # fusion (and head) only
+    keys = adapter_state_keys(model, "mix")
+    assert keys and all(k.endswith(("query.weight", "query.bias", "key.weight", "key.bias")) for k in keys)
+
+    with pytest.raises(AdapterConfigError, match="fusion 'mix' uses adapter 'private'; delete_adapter\\(model, 'mix'\\) first"):
+        delete_adapter(model, "private")
+    with pytest.raises(AdapterConfigError, match="fusion 'mix' was built over"):
+        set_active_adapter(model, Fuse("shared", "shared", fusion="mix"))
+    with pytest.raises(AdapterConfigError, match="two or more distinct existing adapters"):
+        add_fusion(model, ["shared", "ghost"], name="other")
+    delete_adapter(model, "mix")
+    assert model.active_adapter is None and "mix" not in fusion_configs(model)
+    delete_adapter(model, "private")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
+import os
+import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -17,62 +20,15 @@ from flwr.common.config import flatten_dict
 from safetensors.numpy import load_file
 
 from fed_adapters.adapters import adapter_state_keys, load_adapter
-from fed_adapters.configuration import ConfigError, from_mapping
+from conftest import tiny_config
+
+from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import RunConfig, load_run_config, run_config_from_flat
 from fed_adapters.federated.simulation import backend_config, simulate
-from fed_adapters.federated.task import model_and_tokenizer
+from fed_adapters.federated.task import build_adapted_model, model_and_tokenizer
 from fed_adapters.modeling import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-FILLER = ("the a film movie plot actor scene story music camera light day night city road house table water "
-          "green blue small large early late open close slow quick").split()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A 2-layer, width-32 BERT with random weights and MiniLM's tokenizer, saved as a local model directory."""
-    tokenizer = load_tokenizer()
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=48, max_position_embeddings=64)
-    tf.BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def keyword_data(tmp_path_factory) -> Path:
-    """Label 1 iff the sentence contains 'excellent': learnable by a frozen random encoder plus adapters."""
-    directory = tmp_path_factory.mktemp("keyword")
-    rng = random.Random(0)
-    for split, n in (("train", 400), ("validation", 120)):
-        rows = []
-        for i in range(n):
-            words = rng.choices(FILLER, k=6)
-            if i % 2:
-                words.insert(rng.randrange(7), "excellent")
-            rows.append({"text": " ".join(words), "label": i % 2, "client_id": f"site-{i % 3}"})
-        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
-
-
-def tiny_config(tmp_path: Path, base: Path, data: Path, **sections) -> RunConfig:
-    raw = {
-        "run_name": "tiny", "results_dir": str(tmp_path / "results"), "seed": 0,
-        "model": {"name": str(base), "max_length": 16},
-        "adapter": {"preset": "houlsby", "bottleneck_size": 8},
-        "data": {"source": str(data)},
-        "partition": {"method": "iid", "num_clients": 4},
-        "strategy": {"num_rounds": 3, "fraction_evaluate": 0.0},
-        "train": {"local_epochs": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu"},
-        "simulation": {"num_cpus": 1},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return from_mapping(RunConfig, raw)
-
-
 def test_fedavg_simulation_end_to_end(tmp_path, tiny_base, keyword_data) -> None:
     config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 3, "fraction_evaluate": 1.0})
     recorder = simulate(config, keep_updates=True, verbose=False)
@@ -169,7 +125,10 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match="strategy.num_rounds must be int, got str 'three'"):
         load_run_config(path)
     path.write_text("[strategy]\nname = 'fedbest'\n")
-    with pytest.raises(ConfigError, match="strategy.name = 'fedbest' is not one of fedavg, fedprox"):
+    with pytest.raises(ConfigError, match="strategy.name = 'fedbest' is not one of fedavg, fedavgm, fedprox"):
+        load_run_config(path)
+    path.write_text("[partition]\nlocal_test_fraction = 0.0\n")
+    with pytest.raises(ConfigError, match="local_test_fraction = 0 leaves clients no local test split, but strategy.fraction_evaluate"):
         load_run_config(path)
     path.write_text("[partition]\nmethod = 'random'\n")
     with pytest.raises(ConfigError, match="partition.method = 'random' is not one of iid, dirichlet"):
@@ -195,3 +154,131 @@ def test_cli_reports_bad_input_in_one_line(tmp_path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2 and "cannot load data set '/nonexistent/data'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_decoders(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer GPT-2 and a 2-layer Llama with random weights (MiniLM's tokenizer), as local model directories.
+
+    Initialised 10x wider than usual: with 0.02-scale frozen embeddings the LM head's logits are nearly flat
+    whatever the adapters do, and perplexity could hardly move.
+    """
+    tokenizer = load_tokenizer()
+    vocab = tokenizer.vocab_size
+    configs = {
+        "gpt2": tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.2,
+                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id),
+        "llama": tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                initializer_range=0.2),
+    }
+    directories = {}
+    for family, config in configs.items():
+        directory = tmp_path_factory.mktemp(f"tiny-{family}")
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        directories[family] = directory
+    return directories
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_lm_federation_lowers_perplexity(tmp_path, tiny_decoders, keyword_data, family: str) -> None:
+    """Decoders federate too: Pfeiffer adapters on a frozen LM (head included), perplexity on the held-out split."""
+    config = tiny_config(
+        tmp_path, tiny_decoders[family], keyword_data, model={"task": "causal_lm"},
+        adapter={"preset": "pfeiffer", "bottleneck_size": 16, "train_head": False},
+        partition={"method": "iid", "num_clients": 2}, strategy={"num_rounds": 2, "fraction_evaluate": 1.0},
+        train={"local_epochs": 2, "batch_size": 16, "lr": 1e-2, "device": "cpu"},
+    )
+    recorder = simulate(config, verbose=False)
+    records = recorder.records
+    assert records[-1]["perplexity"] < 0.5 * records[0]["perplexity"], [r["perplexity"] for r in records]
+    assert all(r["clients_replied"] == 2 and r["eval_clients_replied"] == 2 for r in records[1:])
+    model, _ = model_and_tokenizer(config)
+    assert recorder.wire_keys["up"] == set(adapter_state_keys(model))
+    assert not any(k.startswith("head.") for k in recorder.wire_keys["up"])  # the LM head stays frozen at home
+    metrics = json.loads((config.run_dir / "metrics.json").read_text())
+    assert metrics["rounds"][-1]["perplexity"] == records[-1]["perplexity"]
+
+
+def test_throughput_benchmark_measures_both_federations(tmp_path, tiny_base, keyword_data) -> None:
+    """simulations/bench_throughput.py: the same federation with adapter-only and full-model messages."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, run_name="bench",
+                         partition={"method": "iid", "num_clients": 3, "local_test_fraction": 0.0},
+                         strategy={"num_rounds": 2, "fraction_evaluate": 0.0},
+                         train={"local_steps": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu"},
+                         simulation={"num_cpus": 2, "ray_num_cpus": 2})
+    path = tmp_path / "bench.toml"
+    path.write_text(config.to_toml())
+    done = subprocess.run([sys.executable, str(REPO / "simulations" / "bench_throughput.py"), str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fed_adapters / baseline: updates/s" in done.stdout
+    results = json.loads((config.run_dir / "results.json").read_text())
+    ours, baseline = results["summary"]
+    assert (ours["variant"], baseline["variant"]) == ("fed_adapters", "baseline")
+
+    model = build_adapted_model(config)
+    adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    all_tensors = sum(t.numel() for t in model.state_dict().values())
+    assert ours["tensor_bytes_per_round"] == 2 * 3 * 4 * adapter_params  # both ways, 3 clients, float32
+    assert baseline["tensor_bytes_per_round"] == 2 * 3 * 4 * all_tensors
+    assert results["ratios"]["bytes_per_round"] == pytest.approx(ours["bytes_per_round"] / baseline["bytes_per_round"])
+    assert results["ratios"]["bytes_per_round"] < 0.05
+    for summary in (ours, baseline):
+        assert summary["client_updates"] == 6
+        assert 0 < summary["client_train_seconds"] < summary["train_phase_seconds"]
+        assert summary["client_peak_rss_mb"] > 100
+    # Same seeds, same local steps, same adapter: the two federations start and learn the same thing
+    # (the second run in the process starts from the seeded initial adapter, not the first run's result).
+    start = {name: rounds[0]["loss"] for name, rounds in results["rounds"].items()}
+    assert start["fed_adapters"] == start["baseline"]
+    assert ours["accuracy"] == pytest.approx(baseline["accuracy"], abs=0.02)
+    assert ours["loss"] == pytest.approx(baseline["loss"], rel=1e-3)
+    assert (config.run_dir / "config.toml").is_file() and (config.run_dir / "baseline" / "metrics.json").is_file()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    """A private FLWR_HOME; the local SuperLink that `flwr run` starts in it is stopped afterwards."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 39093)) == 0:
+            pytest.fail("a SuperLink already listens on 127.0.0.1:39093 (Flower's local port); stop it: pkill -f flower-superlink")
+    home = tmp_path / "flwr-home"
+    yield home
+    for pid in _processes_mentioning(str(home)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)  # the SuperLink leads its own process group, with its app processes
+
+
+def test_flwr_run_runs_the_repo_as_a_flower_app(tmp_path, tiny_base, keyword_data, flwr_home) -> None:
+    """`flwr run . local --run-config X.toml`: Flower's CLI, its local SuperLink and Simulation Engine, our apps."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, run_name="flwr-run",
+                         partition={"method": "iid", "num_clients": 2}, strategy={"num_rounds": 2, "fraction_evaluate": 1.0},
+                         train={"local_epochs": 1, "batch_size": 16, "lr": 1e-2, "device": "cpu"})
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(config.to_toml())
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--run-config", str(run_config),
+               "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    metrics = json.loads((config.run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all(r["clients_replied"] == 2 and r["eval_clients_replied"] == 2 for r in metrics["rounds"][1:])
+    assert metrics["run"]["num_clients"] == 2 and metrics["run"]["model"] == str(tiny_base)
+    assert load_run_config(config.run_dir / "config.toml") == config  # the run config reached the ServerApp intact
+    load_adapter(load_model(str(tiny_base), num_labels=2), config.run_dir / "adapter")

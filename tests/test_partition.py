@@ -78,7 +78,28 @@ def test_partition_errors() -> None:
         partition(_balanced(), PartitionSection(method="dirichlet"), "stars", 0)
     with pytest.raises(ConfigError, match="labels_per_client = 5 exceeds the 4 classes"):
         partition(_balanced(), PartitionSection(method="pathological", labels_per_client=5), "label", 0)
-    with pytest.raises(ConfigError, match="is not one of iid, dirichlet, pathological, natural"):
+    with pytest.raises(ConfigError, match="is not one of iid, dirichlet, inner_dirichlet, pathological, natural"):
         PartitionSection(method="by-size")
     with pytest.raises(ConfigError, match="client 3 holds 1 example"):
         split_shard(_balanced(1), 0.2, 0, client=3)
+
+
+def test_zero_local_test_fraction_keeps_every_example_for_training() -> None:
+    shard = split_shard(_balanced(7), 0.0, 0, client=0)
+    assert (len(shard.train), len(shard.test)) == (7, 0)
+    assert len(split_shard(_balanced(7), 0.3, 0, client=0).test) == 2
+
+
+def test_inner_dirichlet_gives_equal_sizes_and_skewed_label_mixes() -> None:
+    data = _balanced(2003)
+    shards = partition(data, PartitionSection(method="inner_dirichlet", num_clients=10, alpha=0.1), "label", seed=0)
+    assert sorted(len(s) for s in shards) == [200] * 7 + [201] * 3
+    assert sorted(t for s in shards for t in s["text"]) == sorted(data["text"])
+    assert sum(_dominant_share(s) for s in shards) / 10 > 0.55  # 4 balanced labels: 0.25 without skew
+    mild = partition(data, PartitionSection(method="inner_dirichlet", num_clients=10, alpha=100.0), "label", seed=0)
+    assert sum(_dominant_share(s) for s in mild) / 10 < 0.4
+
+
+def test_dirichlet_that_cannot_fill_every_client_says_what_to_change() -> None:
+    with pytest.raises(ConfigError, match="dirichlet partitioning failed.*min_client_size = 50.*inner_dirichlet"):
+        partition(_balanced(400, 2), PartitionSection(method="dirichlet", num_clients=20, alpha=0.05, min_client_size=50), "label", 0)

@@ -164,3 +164,39 @@ def test_unknown_adapter_name_is_an_error() -> None:
     _, model = _adapted()
     with pytest.raises(AdapterStateError, match="no adapter named 'nope'"):
         adapter_state_dict(model, "nope")
+
+
+@pytest.mark.parametrize("kind", ["single", "stack", "fuse"])
+def test_adapter_sets_round_trip_through_a_directory(tmp_path, kind: str) -> None:
+    """A client's complete personal model (stacked or fused adapters, fusion, head) saves and loads as one."""
+    from fed_adapters.adapters import Stack, add_fusion, save_adapter_set, set_active_adapter
+
+    model = tiny_model("bert")
+    for i, name in enumerate(("shared", "private")):
+        torch.manual_seed(i)
+        add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=5.0), name=name)
+    if kind == "stack":
+        set_active_adapter(model, Stack("shared", "private"))
+    elif kind == "fuse":
+        fuse = add_fusion(model, ["shared", "private"], name="mix", dim=4)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if ".mix.query" in _:
+                    p.normal_(std=1.0)
+        set_active_adapter(model, fuse)
+    else:
+        set_active_adapter(model, "private")
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    batch = tiny_batch()
+    expected = logits(model, batch)
+    save_adapter_set(model, tmp_path / "set")
+
+    fresh = tiny_model("bert")
+    active = load_adapter(fresh, tmp_path / "set")
+    assert kind.capitalize()[:4] in active or active == "private"
+    assert torch.equal(logits(fresh, batch), expected)
+    other = tiny_model("bert", num_labels=5)
+    with pytest.raises(AdapterStateError, match="num_labels 3 \\(adapter head\\) vs 5"):
+        load_adapter(other, tmp_path / "set")
+    assert not getattr(other, "adapter_configs", {})

@@ -7,8 +7,10 @@ base model, bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -71,6 +73,66 @@ class BottleneckAdapter(nn.Module):
         return (self.bottleneck, c.non_linearity, c.placement, self.scaling, c.dropout, self.down.weight.dtype)
 
 
+@dataclass(frozen=True, init=False)
+class Stack:
+    """Adapters applied one after another at every insertion point: `Stack("shared", "private")` feeds the
+    shared adapter's output to the private one (MAD-X's language-then-task stacking)."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str) -> None:
+        object.__setattr__(self, "names", tuple(names))
+
+
+@dataclass(frozen=True, init=False)
+class Fuse:
+    """AdapterFusion (Pfeiffer et al. 2021): per token, learned attention over what each adapter adds.
+    The attention's weights are a module of their own, named `fusion` (see `add_fusion`)."""
+
+    names: tuple[str, ...]
+    fusion: str
+
+    def __init__(self, *names: str, fusion: str = "fusion") -> None:
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "fusion", fusion)
+
+
+Composition = Union[str, Stack, Fuse]
+
+
+def composition_members(active: Composition | None) -> list[str]:
+    """Every named module a composition uses: its adapters and, for `Fuse`, the fusion."""
+    if active is None:
+        return []
+    if isinstance(active, str):
+        return [active]
+    return [*active.names, *([active.fusion] if isinstance(active, Fuse) else [])]
+
+
+class AdapterFusion(nn.Module):
+    """Mixes adapters' residual branches: `sum_i softmax_i(q(h) . k(h + delta_i)) * delta_i`.
+
+    The values are the adapters' own outputs (the identity value matrix AdapterFusion starts from), which
+    keeps the fusion small (2 x d x `dim` per insertion point); a zero query starts it as a plain average.
+    """
+
+    def __init__(self, d_model: int, dim: int = 64, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.query = nn.Linear(d_model, dim)
+        self.key = nn.Linear(d_model, dim)
+        self.temperature = float(temperature)
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+
+    def forward(self, hidden: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+        hidden = hidden.to(self.query.weight.dtype)
+        stacked = torch.stack([d.to(hidden.dtype) for d in deltas], dim=-2)  # (..., adapters, d)
+        query = self.query(hidden).unsqueeze(-1)  # (..., dim, 1)
+        keys = self.key(hidden.unsqueeze(-2) + stacked)  # (..., adapters, dim)
+        scores = (keys @ query).squeeze(-1) / (math.sqrt(keys.shape[-1]) * self.temperature)
+        return (scores.softmax(dim=-1).unsqueeze(-1) * stacked).sum(dim=-2)
+
+
 class AdapterLayer(nn.ModuleDict):
     """All named adapters at one insertion point, and the hooks that apply the selected one(s).
 
@@ -81,7 +143,7 @@ class AdapterLayer(nn.ModuleDict):
 
     def __init__(self, output_module: nn.Module, input_module: nn.Module) -> None:
         super().__init__()
-        self.active: str | None = None
+        self.active: Composition | None = None
         self.routing: tuple[list[str], torch.Tensor] | None = None
         self._sublayer_input: torch.Tensor | None = None
         self._handles = [
@@ -95,13 +157,17 @@ class AdapterLayer(nn.ModuleDict):
         self._handles = []
 
     def _selected(self) -> list[str]:
+        """The adapters (not fusions) that act at this insertion point."""
         if self.routing is not None:
             names = self.routing[0]
             return names if any(n in self for n in names) else []
-        return [self.active] if self.active is not None and self.active in self else []
+        if isinstance(self.active, Fuse):
+            return list(self.active.names) if all(n in self for n in composition_members(self.active)) else []
+        names = [self.active] if isinstance(self.active, str) else list(self.active.names) if self.active else []
+        return [n for n in names if n in self]
 
     def _needs_input(self) -> bool:
-        return any(self[name].config.placement == "parallel" for name in self._selected() if name in self)
+        return any(self[name].config.placement == "parallel" for name in self._selected())
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._needs_input():
@@ -113,12 +179,15 @@ class AdapterLayer(nn.ModuleDict):
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         if self.routing is not None:
-            delta = self._routed_delta(hidden)
-        else:
-            adapter = self[selected[0]]
-            delta = adapter(self._adapter_input(adapter, hidden))
+            new_hidden = hidden + self._routed_delta(hidden).to(hidden.dtype)
+        elif isinstance(self.active, Fuse):
+            deltas = [self[n](self._adapter_input(self[n], hidden)) for n in selected]
+            new_hidden = hidden + self[self.active.fusion](hidden, deltas).to(hidden.dtype)
+        else:  # one adapter, or a stack: each adds its branch to the output of the one before
+            new_hidden = hidden
+            for name in selected:
+                new_hidden = new_hidden + self[name](self._adapter_input(self[name], new_hidden)).to(hidden.dtype)
         self._sublayer_input = None
-        new_hidden = hidden + delta.to(hidden.dtype)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
     def _adapter_input(self, adapter: BottleneckAdapter, hidden: torch.Tensor) -> torch.Tensor:

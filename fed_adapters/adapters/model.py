@@ -8,13 +8,22 @@ The model keeps its registry in `model.adapter_configs` (name -> AdapterConfig) 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
 from .config import AdapterConfig, AdapterConfigError
-from .layer import AdapterLayer, AdapterRoutingError, BottleneckAdapter, routing_ids
+from .layer import (
+    AdapterFusion,
+    AdapterLayer,
+    AdapterRoutingError,
+    BottleneckAdapter,
+    Composition,
+    Fuse,
+    composition_members,
+    routing_ids,
+)
 from .targets import find_insertion_points
 
 ADAPTER_ATTR = "bottleneck_adapters"
@@ -28,10 +37,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig | None = None, name: str
     `config.target_modules`. Returns the same model, modified in place.
     """
     config = config or AdapterConfig()
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdapterConfigError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-'")
-    if name in adapter_configs(model):
-        raise AdapterConfigError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick a new name")
+    _check_new_name(model, name)
     points = find_insertion_points(model, config)
     d_model = int(model.config.hidden_size)
     modules = dict(model.named_modules())
@@ -50,6 +56,42 @@ def add_adapter(model: nn.Module, config: AdapterConfig | None = None, name: str
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return dict(getattr(model, "adapter_configs", {}))
+
+
+def fusion_configs(model: nn.Module) -> dict[str, dict]:
+    """Fusion name -> {"adapters": [...], "dim": ..., "temperature": ...}."""
+    return dict(getattr(model, "fusion_configs", {}))
+
+
+def add_fusion(model: nn.Module, adapters: Sequence[str], name: str = "fusion", dim: int = 64,
+               temperature: float = 1.0) -> Fuse:
+    """Adds AdapterFusion weights over `adapters` (which must sit at the same insertion points); returns the
+    `Fuse` composition to activate. The adapters keep their weights; the fusion learns how to mix them."""
+    configs = adapter_configs(model)
+    _check_new_name(model, name)
+    unknown = sorted(set(adapters) - set(configs))
+    if unknown or len(set(adapters)) < 2:
+        raise AdapterConfigError(
+            f"a fusion needs two or more distinct existing adapters, got {list(adapters)}"
+            + (f" ({unknown} unknown; this model has {sorted(configs)})" if unknown else "")
+        )
+    if dim < 1 or temperature <= 0:
+        raise AdapterConfigError(f"fusion dim must be >= 1 and temperature > 0, got dim={dim}, temperature={temperature}")
+    layers = [layer for _, layer in adapter_layers(model) if any(a in layer for a in adapters)]
+    if any(not all(a in layer for a in adapters) for layer in layers):
+        raise AdapterConfigError(f"adapters {list(adapters)} do not sit at the same insertion points; fuse adapters of one layout")
+    reference = next(model.parameters())
+    for layer in layers:
+        layer[name] = AdapterFusion(int(model.config.hidden_size), dim, temperature).to(reference.device)
+    model.fusion_configs = {**fusion_configs(model), name: {"adapters": list(adapters), "dim": dim, "temperature": temperature}}
+    return Fuse(*adapters, fusion=name)
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterConfigError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-'")
+    if name in adapter_configs(model) or name in fusion_configs(model):
+        raise AdapterConfigError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick a new name")
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -79,20 +121,34 @@ def freeze_base(model: nn.Module, train_head: bool = True) -> None:
         param.requires_grad_(param_name in head)
 
 
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Makes `name` the adapter every forward pass uses and the only trainable one (plus its head).
+def set_active_adapter(
+    model: nn.Module, active: Composition | None, train: Iterable[str] | None = None, train_head: bool | None = None
+) -> None:
+    """Makes `active` — an adapter name, a `Stack` or a `Fuse` — what every forward pass uses.
 
-    `None` deactivates all adapters: the model computes exactly the base model's outputs.
+    Only `train` (default: the adapter; every adapter of a stack; the fusion of a `Fuse`) and, when
+    `train_head` (default: the last adapter's config), the task head stay trainable. `None` deactivates
+    all adapters: the model computes exactly the base model's outputs.
     """
-    configs = adapter_configs(model)
-    if name is not None and name not in configs:
-        raise AdapterConfigError(f"no adapter named {name!r}; this model has {sorted(configs) or 'none'}")
-    freeze_base(model, train_head=configs[name].train_head if name is not None else False)
+    configs, fusions = adapter_configs(model), fusion_configs(model)
+    members = composition_members(active)
+    unknown = [n for n in members if n not in configs and n not in fusions]
+    if unknown:
+        raise AdapterConfigError(f"no adapter named {unknown[0]!r}; this model has {sorted({**configs, **fusions}) or 'none'}")
+    if isinstance(active, Fuse) and sorted(fusions[active.fusion]["adapters"]) != sorted(active.names):
+        raise AdapterConfigError(
+            f"fusion {active.fusion!r} was built over {fusions[active.fusion]['adapters']}, not {list(active.names)}"
+        )
+    if train is None:
+        train = [active.fusion] if isinstance(active, Fuse) else [n for n in members if n in configs]
+    train = set(train)
+    adapters = [n for n in members if n in configs]
+    freeze_base(model, train_head=(configs[adapters[-1]].train_head if adapters else False) if train_head is None else train_head)
     for _, layer in adapter_layers(model):
-        layer.active = name
-        for adapter_name, adapter in layer.items():
-            adapter.requires_grad_(adapter_name == name)
-    model.active_adapter = name
+        layer.active = active
+        for module_name, module in layer.items():
+            module.requires_grad_(module_name in train)
+    model.active_adapter = active
 
 
 def deactivate_adapters(model: nn.Module) -> None:
@@ -100,10 +156,13 @@ def deactivate_adapters(model: nn.Module) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Removes an adapter's weights everywhere; hooks go with the last adapter at each point."""
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise AdapterConfigError(f"no adapter named {name!r}; this model has {sorted(configs) or 'none'}")
+    """Removes an adapter's (or a fusion's) weights everywhere; hooks go with the last one at each point."""
+    configs, fusions = adapter_configs(model), fusion_configs(model)
+    if name not in configs and name not in fusions:
+        raise AdapterConfigError(f"no adapter named {name!r}; this model has {sorted({**configs, **fusions}) or 'none'}")
+    users = [f for f, spec in fusions.items() if name in spec["adapters"]]
+    if users:
+        raise AdapterConfigError(f"fusion {users[0]!r} uses adapter {name!r}; delete_adapter(model, {users[0]!r}) first")
     modules = dict(model.named_modules())
     for module_name, layer in list(adapter_layers(model)):
         if name in layer:
@@ -111,9 +170,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if len(layer) == 0:
             layer.remove_hooks()
             delattr(modules[module_name], ADAPTER_ATTR)
-    del configs[name]
-    model.adapter_configs = configs
-    if getattr(model, "active_adapter", None) == name:
+    if name in fusions:
+        del fusions[name]
+        model.fusion_configs = fusions
+    else:
+        del configs[name]
+        model.adapter_configs = configs
+    if name in composition_members(getattr(model, "active_adapter", None)):
         deactivate_adapters(model)
 
 

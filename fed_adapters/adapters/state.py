@@ -22,11 +22,14 @@ from torch import nn
 
 from .. import __version__
 from .config import AdapterConfig
+from .layer import Fuse, Stack, composition_members
 from .model import (
     add_adapter,
+    add_fusion,
     adapter_configs,
     adapter_layers,
     delete_adapter,
+    fusion_configs,
     head_parameter_names,
     set_active_adapter,
 )
@@ -43,16 +46,17 @@ class AdapterStateError(ValueError):
     """Adapter tensors or files do not fit this model; the message says what differs."""
 
 
-def _adapter_parameters(model: nn.Module, name: str, include_head: bool | None) -> "OrderedDict[str, torch.Tensor]":
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise AdapterStateError(f"no adapter named {name!r}; this model has {sorted(configs) or 'none'}")
+def adapter_parameters(model: nn.Module, name: str, include_head: bool | None) -> "OrderedDict[str, torch.Tensor]":
+    """An adapter's (or a fusion's) parameters; the head's follow by default when the adapter trains it."""
+    configs, fusions = adapter_configs(model), fusion_configs(model)
+    if name not in configs and name not in fusions:
+        raise AdapterStateError(f"no adapter named {name!r}; this model has {sorted({**configs, **fusions}) or 'none'}")
     params: OrderedDict[str, torch.Tensor] = OrderedDict()
     for module_name, layer in adapter_layers(model):
         if name in layer:
             for param_name, param in layer[name].named_parameters():
                 params[f"{module_name}.{param_name}"] = param
-    if configs[name].train_head if include_head is None else include_head:
+    if (name in configs and configs[name].train_head) if include_head is None else include_head:
         all_params = dict(model.named_parameters())
         for param_name in head_parameter_names(model):
             params[HEAD_PREFIX + param_name] = all_params[param_name]
@@ -63,11 +67,11 @@ def adapter_state_dict(
     model: nn.Module, name: str = "default", include_head: bool | None = None
 ) -> "OrderedDict[str, torch.Tensor]":
     """Copies of the adapter's (and by default its head's) tensors, in the documented order."""
-    return OrderedDict((k, v.detach().clone()) for k, v in _adapter_parameters(model, name, include_head).items())
+    return OrderedDict((k, v.detach().clone()) for k, v in adapter_parameters(model, name, include_head).items())
 
 
 def adapter_state_keys(model: nn.Module, name: str = "default", include_head: bool | None = None) -> list[str]:
-    return list(_adapter_parameters(model, name, include_head))
+    return list(adapter_parameters(model, name, include_head))
 
 
 @torch.no_grad()
@@ -75,7 +79,7 @@ def load_adapter_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], name: str = "default", include_head: bool | None = None
 ) -> None:
     """Copies `state_dict` into adapter `name`; keys, shapes and dtypes must match exactly."""
-    targets = _adapter_parameters(model, name, include_head)
+    targets = adapter_parameters(model, name, include_head)
     missing = [k for k in targets if k not in state_dict]
     unexpected = [k for k in state_dict if k not in targets]
     problems = []
@@ -133,6 +137,8 @@ def base_signature(model: nn.Module) -> dict[str, object]:
         "hidden_size": int(config.hidden_size),
         "num_layers": num_layers(model),
         "num_labels": int(getattr(config, "num_labels", 0) or 0),
+        # How the head reads the encoder (PooledClassifier), so a predictor rebuilds the same model.
+        "pooling": getattr(model, "pooling", "model"),
     }
 
 
@@ -176,26 +182,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     """
     directory = Path(directory)
     metadata = read_adapter_metadata(directory)
+    _check_base(metadata, model, directory)
+    if "adapter_set" in metadata:
+        return _load_adapter_set(model, directory, metadata)
     name = name or metadata["adapter_name"]
-    saved, here = metadata["base_model"], base_signature(model)
-    differences = [
-        f"{key} {saved[key]!r} (adapter) vs {here[key]!r} (model)"
-        for key in ("model_type", "hidden_size", "num_layers")
-        if saved[key] != here[key]
-    ]
-    if metadata["includes_head"] and saved["num_labels"] != here["num_labels"]:
-        differences.append(f"num_labels {saved['num_labels']} (adapter head) vs {here['num_labels']} (model)")
-    if differences:
-        raise AdapterStateError(
-            f"adapter in {directory} was made for another base ({saved['name_or_path'] or saved['model_type']}): "
-            f"{'; '.join(differences)}. Load it onto the base model it was trained with"
-        )
-    if saved["name_or_path"] and here["name_or_path"] and Path(saved["name_or_path"]).name != Path(here["name_or_path"]).name:
-        log.warning("adapter was saved on %s, loading onto %s", saved["name_or_path"], here["name_or_path"])
-    try:
-        state = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as error:  # safetensors raises several types for a damaged file
-        raise AdapterStateError(f"{directory / WEIGHTS_FILE} cannot be read ({error}); the file is corrupted") from None
+    state = _read_weights(directory)
     config = AdapterConfig.from_dict(metadata["adapter_config"])
     existing = adapter_configs(model).get(name)
     if existing is not None and existing != config:
@@ -212,6 +203,121 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         raise
     set_active_adapter(model, name)
     return name
+
+
+def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
+    saved, here = metadata["base_model"], base_signature(model)
+    differences = [
+        f"{key} {saved[key]!r} (adapter) vs {here[key]!r} (model)"
+        for key in ("model_type", "hidden_size", "num_layers")
+        if saved[key] != here[key]
+    ]
+    if metadata["includes_head"] and saved["num_labels"] != here["num_labels"]:
+        differences.append(f"num_labels {saved['num_labels']} (adapter head) vs {here['num_labels']} (model)")
+    if differences:
+        raise AdapterStateError(
+            f"adapter in {directory} was made for another base ({saved['name_or_path'] or saved['model_type']}): "
+            f"{'; '.join(differences)}. Load it onto the base model it was trained with"
+        )
+    if saved["name_or_path"] and here["name_or_path"] and Path(saved["name_or_path"]).name != Path(here["name_or_path"]).name:
+        log.warning("adapter was saved on %s, loading onto %s", saved["name_or_path"], here["name_or_path"])
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / WEIGHTS_FILE))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise AdapterStateError(f"{directory / WEIGHTS_FILE} cannot be read ({error}); the file is corrupted") from None
+
+
+def read_single_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, base signature, adapter tensors, head tensors) of a directory holding one adapter — a file of
+    `save_adapter`, or a set of one — for callers that place it under a name of their own (serving)."""
+    directory = Path(directory)
+    metadata = read_adapter_metadata(directory)
+    state = _read_weights(directory)
+    head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    if "adapter_set" not in metadata:
+        config = AdapterConfig.from_dict(metadata["adapter_config"])
+        return config, metadata["base_model"], {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}, head
+    spec = metadata["adapter_set"]
+    if spec["kind"] != "single":
+        raise AdapterStateError(
+            f"{directory} holds a {spec['kind']} of adapters {spec['adapters']}; only single adapters batch across "
+            "clients in one pass — load a stacked or fused set with load_adapter and serve it on its own"
+        )
+    name = spec["adapters"][0]
+    prefix = f"{name}/"
+    adapter = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return AdapterConfig.from_dict(metadata["adapter_configs"][name]), metadata["base_model"], adapter, head
+
+
+def save_adapter_set(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Writes the active composition — a single adapter, a `Stack` or a `Fuse` — with every adapter and
+    fusion it uses and the head, as one directory that `load_adapter` restores and activates."""
+    active = getattr(model, "active_adapter", None)
+    if active is None:
+        raise AdapterStateError("no adapter is active; set_active_adapter(model, ...) the composition to save first")
+    configs, fusions = adapter_configs(model), fusion_configs(model)
+    members = composition_members(active)
+    adapters = [n for n in members if n in configs]
+    state: dict[str, torch.Tensor] = {}
+    for member in members:
+        state.update({f"{member}/{k}": v for k, v in adapter_state_dict(model, member, include_head=False).items()})
+    includes_head = configs[adapters[-1]].train_head
+    if includes_head:
+        named = dict(model.named_parameters())
+        state.update({HEAD_PREFIX + n: named[n].detach().clone() for n in head_parameter_names(model)})
+    kind = "stack" if isinstance(active, Stack) else "fuse" if isinstance(active, Fuse) else "single"
+    metadata = {
+        "adapter_set": {"kind": kind, "adapters": adapters, "fusion": active.fusion if isinstance(active, Fuse) else None},
+        "adapter_configs": {n: configs[n].to_dict() for n in adapters},
+        "fusion_configs": {n: fusions[n] for n in members if n in fusions},
+        "includes_head": includes_head,
+        "base_model": base_signature(model),
+        "fed_adapters_version": __version__,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()}, path))
+    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n"))
+    return directory
+
+
+def _load_adapter_set(model: nn.Module, directory: Path, metadata: dict) -> str:
+    spec = metadata["adapter_set"]
+    state = _read_weights(directory)
+    configs = {n: AdapterConfig.from_dict(c) for n, c in metadata["adapter_configs"].items()}
+    clashes = [n for n in [*configs, *metadata["fusion_configs"]] if n in adapter_configs(model) or n in fusion_configs(model)]
+    if clashes:
+        raise AdapterStateError(f"model already has adapter(s) {clashes}; load the set onto a model without them")
+    for name, config in configs.items():
+        add_adapter(model, config, name)
+    for name, fusion in metadata["fusion_configs"].items():
+        add_fusion(model, fusion["adapters"], name, dim=fusion["dim"], temperature=fusion["temperature"])
+    try:
+        for member in [*configs, *metadata["fusion_configs"]]:
+            prefix = f"{member}/"
+            load_adapter_state_dict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                    member, include_head=False)
+        if metadata["includes_head"]:
+            named = dict(model.named_parameters())
+            head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+            expected = {HEAD_PREFIX + n for n in head_parameter_names(model)}
+            if set(head) != expected or any(named[k[len(HEAD_PREFIX):]].shape != v.shape for k, v in head.items()):
+                raise AdapterStateError(f"the head in {directory} does not fit this model's head {sorted(expected)}")
+            with torch.no_grad():
+                for k, v in head.items():
+                    named[k[len(HEAD_PREFIX):]].copy_(v)
+    except AdapterStateError:
+        for name in [*metadata["fusion_configs"], *configs]:
+            delete_adapter(model, name)
+        raise
+    names = spec["adapters"]
+    active = (Stack(*names) if spec["kind"] == "stack" else Fuse(*names, fusion=spec["fusion"]) if spec["kind"] == "fuse"
+              else names[0])
+    set_active_adapter(model, active)
+    return str(active)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -18,8 +18,10 @@ from ..data import TextColumns
 from ..modeling import DEFAULT_MODEL, POOLINGS, TASKS
 from ..training import Optimization
 
-PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological", "natural")
+PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
+PRIVATE_PARTS = ("head", "top_layers", "stacked")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass
@@ -106,17 +108,17 @@ class DataSection:
 class PartitionSection:
     method: str = "iid"
     num_clients: int = 10  # ignored by "natural": one client per distinct value of `column`
-    alpha: float = 0.5  # Dirichlet concentration
+    alpha: float = 0.5  # Dirichlet concentration (dirichlet: over clients per label; inner_dirichlet: over labels per client)
     labels_per_client: int = 2  # pathological
     column: str = "client_id"  # natural
-    min_client_size: int = 2  # Dirichlet resamples until every client holds at least this many
-    local_test_fraction: float = 0.2
+    min_client_size: int = 2  # dirichlet redraws (up to 500 times) until every client holds at least this many
+    local_test_fraction: float = 0.2  # 0: clients keep every example for training (no client-side evaluation)
 
     def __post_init__(self) -> None:
         _choice("partition.method", self.method, PARTITIONERS)
         _at_least("partition.num_clients", self.num_clients, 1)
-        if not 0.0 < self.local_test_fraction < 1.0:
-            raise ConfigError(f"partition.local_test_fraction must lie in (0, 1), got {self.local_test_fraction}")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ConfigError(f"partition.local_test_fraction must lie in [0, 1), got {self.local_test_fraction}")
         if self.alpha <= 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.alpha}")
         _at_least("partition.labels_per_client", self.labels_per_client, 1)
@@ -131,8 +133,11 @@ class StrategySection:
     fraction_evaluate: float = 1.0
     min_evaluate_clients: int = 2
     proximal_mu: float = 0.0  # FedProx
-    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad (eta)
-    tau: float = 1e-3
+    # Server-side step of FedAvgM / FedAdam / FedYogi / FedAdagrad; 0 = Flower's default for the strategy
+    # (FedAvgM 1.0, FedAdam and FedAdagrad 0.1, FedYogi 0.01).
+    server_lr: float = 0.0
+    server_momentum: float = 0.9  # FedAvgM
+    tau: float = 1e-3  # FedAdam / FedYogi / FedAdagrad: adaptivity
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
     krum_malicious: int = 0  # Krum: assumed malicious clients
     round_timeout: float = 3600.0
@@ -149,6 +154,30 @@ class StrategySection:
 class TrainSection(Optimization):
     local_epochs: float = 1.0
     local_steps: int = 0  # > 0 overrides local_epochs
+
+
+@dataclass
+class PersonalizationSection:
+    """What each client keeps for itself; see `personalization.py` for how every mode trains."""
+
+    mode: str = "none"
+    finetune_steps: int = 20  # finetune: local steps on a copy of the global adapter before the personal evaluation
+    private: str = "head"  # split: the head, the top `private_layers` layers' adapters (+ head), or a stacked adapter (+ head)
+    private_layers: int = 1
+    private_bottleneck: int = 0  # stacked / ditto / fusion: the private adapter's bottleneck, 0 = the shared one's
+    ditto_lambda: float = 0.1  # ditto: proximal pull of the private adapter toward the global one
+    fusion_dim: int = 64  # fusion: width of the attention's query and key
+    state_dir: str = ""  # where clients keep private tensors; "" = <run dir>/clients
+
+    def __post_init__(self) -> None:
+        _choice("personalization.mode", self.mode, PERSONALIZATION_MODES)
+        _choice("personalization.private", self.private, PRIVATE_PARTS)
+        _at_least("personalization.finetune_steps", self.finetune_steps, 1)
+        _at_least("personalization.private_layers", self.private_layers, 1)
+        _at_least("personalization.private_bottleneck", self.private_bottleneck, 0)
+        _at_least("personalization.fusion_dim", self.fusion_dim, 1)
+        if self.ditto_lambda < 0:
+            raise ConfigError(f"personalization.ditto_lambda must be >= 0, got {self.ditto_lambda}")
 
 
 @dataclass
@@ -176,11 +205,34 @@ class RunConfig:
     partition: PartitionSection = field(default_factory=PartitionSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     train: TrainSection = field(default_factory=TrainSection)
+    personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def __post_init__(self) -> None:
+        p = self.personalization
+        if p.mode == "split" and p.private != "stacked" and not self.adapter.train_head:
+            raise ConfigError(
+                f"personalization.private = {p.private!r} keeps the head private, but adapter.train_head = false "
+                "never trains it; set adapter.train_head = true or personalization.private = 'stacked'"
+            )
+        if self.partition.local_test_fraction == 0 and p.mode != "none":
+            raise ConfigError(
+                f"personalization.mode = {p.mode!r} is judged on each client's local test split, but "
+                "partition.local_test_fraction = 0 leaves none; set it above 0"
+            )
+        if self.partition.local_test_fraction == 0 and self.strategy.fraction_evaluate > 0:
+            raise ConfigError(
+                "partition.local_test_fraction = 0 leaves clients no local test split, but strategy.fraction_evaluate = "
+                f"{self.strategy.fraction_evaluate} asks them to evaluate; set one of them differently"
+            )
 
     @property
     def run_dir(self) -> Path:
         return Path(self.results_dir) / self.run_name
+
+    @property
+    def private_state_dir(self) -> Path:
+        return Path(self.personalization.state_dir) if self.personalization.state_dir else self.run_dir / "clients"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

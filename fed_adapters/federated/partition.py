@@ -8,6 +8,7 @@ so no data has to travel.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import datasets
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    InnerDirichletPartitioner,
     NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
@@ -25,13 +27,16 @@ from ..configuration import ConfigError
 from .config import PartitionSection
 
 
+DIRICHLET_SEEDS = 50  # x 10 draws each inside flwr-datasets' partitioner
+
+
 @dataclass(frozen=True)
 class ClientShard:
     train: datasets.Dataset
     test: datasets.Dataset
 
 
-def make_partitioner(section: PartitionSection, label_column: str, seed: int) -> Partitioner:
+def make_partitioner(section: PartitionSection, label_column: str, seed: int, size: int) -> Partitioner:
     if section.method == "iid":
         return IidPartitioner(num_partitions=section.num_clients)
     if section.method == "dirichlet":
@@ -39,6 +44,10 @@ def make_partitioner(section: PartitionSection, label_column: str, seed: int) ->
             num_partitions=section.num_clients, partition_by=label_column, alpha=section.alpha,
             min_partition_size=section.min_client_size, self_balancing=False, seed=seed,
         )
+    if section.method == "inner_dirichlet":
+        # Equal-sized clients, each with its own label mix drawn from Dirichlet(alpha) (Hsu et al. 2019).
+        sizes = [size // section.num_clients + (i < size % section.num_clients) for i in range(section.num_clients)]
+        return InnerDirichletPartitioner(partition_sizes=sizes, partition_by=label_column, alpha=section.alpha, seed=seed)
     if section.method == "pathological":
         return PathologicalPartitioner(
             num_partitions=section.num_clients, partition_by=label_column,
@@ -62,17 +71,32 @@ def partition(dataset: datasets.Dataset, section: PartitionSection, label_column
         classes = len(set(dataset[label_column]))
         if section.labels_per_client > classes:
             raise ConfigError(f"partition.labels_per_client = {section.labels_per_client} exceeds the {classes} classes in the data")
-    partitioner = make_partitioner(section, label_column, seed)
-    # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
-    partitioner.dataset = dataset.shuffle(seed=seed) if section.method == "iid" else dataset
-    try:
-        return [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
-    except ValueError as error:
-        raise ConfigError(f"{section.method} partitioning failed: {error}") from None
+    # Flower's Dirichlet partitioner gives up after 10 draws short of min_client_size; at small alpha a
+    # valid draw can be rarer than that, so keep drawing, from seeds derived from the run's seed.
+    draws = DIRICHLET_SEEDS if section.method == "dirichlet" else 1
+    for draw in range(draws):
+        partitioner = make_partitioner(section, label_column, seed + 1000 * draw, len(dataset))
+        # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
+        partitioner.dataset = dataset.shuffle(seed=seed) if section.method == "iid" else dataset
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one warning per failed draw otherwise
+                return [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
+        except ValueError as error:
+            failure = error
+    hint = ""
+    if section.method == "dirichlet":
+        hint = (f" ({10 * draws} draws); at alpha = {section.alpha} many clients draw almost no examples of any label, "
+                f"so every client reaching partition.min_client_size = {section.min_client_size} is unlikely: lower "
+                "min_client_size, raise alpha, use fewer clients, or use method = 'inner_dirichlet' (equal-sized "
+                "clients, a Dirichlet label mix each)")
+    raise ConfigError(f"{section.method} partitioning failed: {failure}{hint}") from None
 
 
 def split_shard(shard: datasets.Dataset, test_fraction: float, seed: int, client: int) -> ClientShard:
-    """A client's local train/test split; both sides get at least one example."""
+    """A client's local train/test split; both sides get at least one example unless `test_fraction` is 0."""
+    if test_fraction == 0:
+        return ClientShard(shard, shard.select([]))
     if len(shard) < 2:
         raise ConfigError(
             f"client {client} holds {len(shard)} example(s), too few for a local train/test split; "

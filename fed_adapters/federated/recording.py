@@ -29,6 +29,7 @@ class RoundRecorder:
         # round -> [(num-examples, {name: array})] of the clients' replies, for audits of the aggregation
         self.updates: dict[int, list[tuple[int, dict[str, np.ndarray]]]] | None = {} if keep_updates else None
         self._current: dict = {}
+        self.clients: list[dict] = []  # the per-client report after the last round (client_report.py)
 
     def sent(self, server_round: int, messages: Sequence[Message], phase: str) -> None:
         if phase == "train":
@@ -51,8 +52,9 @@ class RoundRecorder:
 
         if phase != "train":
             self._current["eval_clients_replied"] = len(ok)
-            if examples and all("accuracy" in m for m in metrics):
-                self._current["client_accuracy"] = weighted_mean("accuracy")
+            for key in ("accuracy", "personal-accuracy"):
+                if examples and all(key in m for m in metrics):
+                    self._current[f"client_{key.replace('-', '_')}"] = weighted_mean(key)
             return
         arrays = [a for a in map(_arrays, ok) if a is not None]
         for record in arrays:
@@ -71,17 +73,18 @@ class RoundRecorder:
             client_train_seconds_max=max((m["train-seconds"] for m in metrics), default=0.0),
             client_train_seconds_sum=sum(m["train-seconds"] for m in metrics),
             client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
+            client_peak_rss_mb=max((m["peak-rss-mb"] for m in metrics if "peak-rss-mb" in m), default=0.0),
         )
 
-    def evaluated(self, server_round: int, metrics: dict[str, float]) -> None:
-        """The server's evaluation closes a round (round 0: the initial adapter, before any training)."""
+    def evaluated(self, server_round: int, metrics: dict[str, float], seconds: float = 0.0) -> None:
+        """The server's evaluation (which took `seconds`) closes a round (round 0: the initial adapter)."""
         keep = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "loss", "macro_f1", "perplexity")}
         if server_round == 0:
-            self.records.append({"round": 0, **keep, "seconds": 0.0})
+            self.records.append({"round": 0, **keep, "seconds": 0.0, "server_eval_seconds": seconds})
         else:
             record = dict(self._current)
             started = record.pop("started", time.perf_counter())
-            record.update(round=server_round, **keep, seconds=time.perf_counter() - started)
+            record.update(round=server_round, **keep, seconds=time.perf_counter() - started, server_eval_seconds=seconds)
             self.records.append(record)
             self._current = {}
         if self.verbose:

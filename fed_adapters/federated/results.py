@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -13,19 +12,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only: simulations run headless
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
 
-from .. import __version__  # noqa: E402
 from ..configuration import ConfigError  # noqa: E402
+from ..provenance import environment  # noqa: E402
 from .config import RunConfig  # noqa: E402
 
-RESULT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "adapter")
+RESULT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "adapter", "clients.csv")
 # Column order of metrics.csv: global metrics first, then traffic, clients and time.
 ROUND_FIELDS = (
     "round", "accuracy", "loss", "macro_f1", "perplexity", "clients_sampled", "clients_replied", "clients_failed",
-    "bytes_down", "bytes_up", "tensor_bytes_down", "tensor_bytes_up", "seconds", "train_loss", "train_examples",
-    "client_train_seconds_max", "client_train_seconds_sum", "client_accuracy", "eval_clients_sampled",
-    "eval_clients_replied", "eval_bytes_down", "eval_tensor_bytes_down", "client_gpus",
+    "bytes_down", "bytes_up", "tensor_bytes_down", "tensor_bytes_up", "seconds", "server_eval_seconds", "train_loss",
+    "train_examples", "client_train_seconds_max", "client_train_seconds_sum", "client_peak_rss_mb", "client_accuracy",
+    "client_personal_accuracy", "eval_clients_sampled", "eval_clients_replied", "eval_bytes_down",
+    "eval_tensor_bytes_down", "client_gpus",
 )
 
 
@@ -44,7 +43,9 @@ def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
 
 
 def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: float, num_clients: int,
-              wire_keys: dict[str, set[str]] | None = None) -> None:
+              wire_keys: dict[str, set[str]] | None = None, clients: dict | None = None) -> None:
+    """metrics.json ({"run", "rounds", and "clients": the per-client summary when there is one}), metrics.csv,
+    accuracy.png."""
     metadata = {
         "run_name": config.run_name,
         "strategy": config.strategy.name,
@@ -55,14 +56,13 @@ def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: fl
         "seed": config.seed,
         "seconds": seconds,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fed_adapters": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **environment(),
     }
     if wire_keys is not None:
         metadata["tensors_down"] = sorted(wire_keys["down"])
         metadata["tensors_up"] = sorted(wire_keys["up"])
-    (run_dir / "metrics.json").write_text(json.dumps({"run": metadata, "rounds": records}, indent=2) + "\n")
+    payload = {"run": metadata, "rounds": records, **({"clients": clients} if clients else {})}
+    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     present = list(dict.fromkeys(key for record in records for key in record))
     columns = [f for f in ROUND_FIELDS if f in present] + [f for f in present if f not in ROUND_FIELDS]
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
@@ -78,10 +78,11 @@ def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(rounds, [r[metric] * (100 if metric == "accuracy" else 1) for r in records if metric in r], marker="o",
             label="global adapter, held-out split")
-    if any("client_accuracy" in r for r in records):
-        ax.plot([r["round"] for r in records if "client_accuracy" in r],
-                [100 * r["client_accuracy"] for r in records if "client_accuracy" in r], marker="s", linestyle="--",
-                label="clients' local test (weighted)")
+    for key, label in (("client_accuracy", "clients' local test (weighted)"),
+                       ("client_personal_accuracy", "clients' personal models, local test")):
+        if any(key in r for r in records):
+            ax.plot([r["round"] for r in records if key in r], [100 * r[key] for r in records if key in r],
+                    marker="s", linestyle="--", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity")

@@ -15,13 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 from ..adapters import save_adapter
 from ..data import make_loader
 from ..training import evaluate, seed_everything
-from . import results
+from . import client_report, results
 from .client_app import RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
-from .task import initial_arrays, load_arrays, model_and_tokenizer, shards, test_data, tokenized
+from .personalization import SharedWire, WireFormat
+from .task import build_adapted_model, shards, test_data, tokenized, tokenizer
 
 app = ServerApp()
 
@@ -32,9 +33,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, verbose: bool = True, overwrite: bool = False, keep_updates: bool = False
+    grid: Grid, config: RunConfig, verbose: bool = True, overwrite: bool = False, keep_updates: bool = False,
+    wire: WireFormat | None = None,
 ) -> RoundRecorder:
-    """Runs `config.strategy.num_rounds` rounds and writes the run directory; returns what was recorded."""
+    """Runs `config.strategy.num_rounds` rounds and writes the run directory; returns what was recorded.
+
+    `wire` (default: the run's shared tensors) must match the ClientApp's; only benchmarks change it.
+    """
+    wire = wire or SharedWire(config)
     seed_everything(config.seed)
     run_dir = results.prepare_run_dir(config, overwrite)
     client_shards = shards(config)
@@ -43,31 +49,41 @@ def run_federation(
     if verbose:
         print(f"partition ({config.partition.method}, {len(client_shards)} clients):\n{format_summary(summary)}", flush=True)
 
-    model, tokenizer = model_and_tokenizer(config)
-    test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer,
+    # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.
+    model = build_adapted_model(config)
+    test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer(config.model.name),
                               config.train.eval_batch_size, task=config.model.task)
     recorder = RoundRecorder(config.strategy.num_rounds, verbose=verbose, keep_updates=keep_updates)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_arrays(model, arrays)
+        started = time.perf_counter()
+        wire.load(model, arrays)
         metrics = evaluate(model, test_loader, device=config.train.device, amp=config.train.amp)
         if server_round > 0:
             save_adapter(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
-        recorder.evaluated(server_round, metrics)
+        recorder.evaluated(server_round, metrics, seconds=time.perf_counter() - started)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     strategy = make_strategy(config, len(client_shards), recorder)
     run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict())})
     started = time.perf_counter()
     result = strategy.start(
-        grid=grid, initial_arrays=initial_arrays(model), num_rounds=config.strategy.num_rounds,
+        grid=grid, initial_arrays=wire.pack(model), num_rounds=config.strategy.num_rounds,
         timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
         evaluate_fn=evaluate_global,
     )
-    load_arrays(model, result.arrays)
+    wire.load(model, result.arrays)
     save_adapter(model, run_dir / "adapter")
-    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, len(client_shards), recorder.wire_keys)
+    if config.partition.local_test_fraction > 0 and config.model.task == "classification":
+        final = ConfigRecord({**dict(run_config), "server-round": config.strategy.num_rounds})
+        recorder.clients = client_report.evaluate_every_client(grid, result.arrays, final, config.strategy.round_timeout)
+        client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
+    summary = client_report.summarize(recorder.clients) if recorder.clients else None
+    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, len(client_shards),
+                      recorder.wire_keys, summary)
     if verbose:
         print(results.format_rounds(recorder.records), flush=True)
+        if summary:
+            print(client_report.format_summary(summary), flush=True)
         print(f"results in {run_dir}", flush=True)
     return recorder

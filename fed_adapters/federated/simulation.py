@@ -12,14 +12,16 @@ import logging
 import os
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from .client_app import app as client_app
+from .client_app import app as adapter_client_app
 from .config import RunConfig
 from .recording import RoundRecorder
 from .results import prepare_run_dir
 from .server_app import run_federation
+from .personalization import WireFormat
 from .task import shards
 
 
@@ -34,11 +36,13 @@ def backend_config(config: RunConfig) -> dict:
 
 
 def simulate(
-    config: RunConfig, overwrite: bool = False, verbose: bool = True, keep_updates: bool = False, flower_logs: bool = False
+    config: RunConfig, overwrite: bool = False, verbose: bool = True, keep_updates: bool = False, flower_logs: bool = False,
+    client_app: ClientApp = adapter_client_app, wire: WireFormat | None = None,
 ) -> RoundRecorder:
     """Runs the federation described by `config`; returns its records (also written to the run directory).
 
     Flower's own INFO logs repeat what the per-round lines say; they are shown only with `flower_logs`.
+    Benchmarks swap `client_app` and `wire` together to run a baseline federation.
     """
     logging.getLogger("flwr").setLevel(logging.INFO if flower_logs else logging.WARNING)
     prepare_run_dir(config, overwrite)  # fail before Ray starts if earlier results are in the way
@@ -48,7 +52,8 @@ def simulate(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        outcome.append(run_federation(grid, config, verbose=verbose, overwrite=True, keep_updates=keep_updates))
+        outcome.append(run_federation(grid, config, verbose=verbose, overwrite=True, keep_updates=keep_updates,
+                                      wire=wire))
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_config=backend_config(config))

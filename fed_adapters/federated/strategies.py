@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -23,6 +24,7 @@ from .recording import RoundRecorder
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
@@ -75,8 +77,10 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         # Wait for every client before round 1: otherwise early rounds sample whoever registered first.
         min_available_nodes=num_clients,
     )
-    server_optimizer = dict(eta=s.server_lr, eta_l=config.train.lr, tau=s.tau)
+    server_lr = {"eta": s.server_lr} if s.server_lr else {}
+    server_optimizer = dict(**server_lr, eta_l=config.train.lr, tau=s.tau)
     specific = {
+        "fedavgm": dict(server_momentum=s.server_momentum, **({"server_learning_rate": s.server_lr} if s.server_lr else {})),
         "fedprox": dict(proximal_mu=s.proximal_mu),
         "fedadam": server_optimizer,
         "fedyogi": server_optimizer,

@@ -8,21 +8,22 @@ only overwrites the adapter and head tensors with the ones in the message.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import datasets
-from flwr.app import ArrayRecord
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..adapters import add_adapter, adapter_state_dict, load_adapter_state_dict
+from ..adapters import add_adapter
 from ..data import load_split, tokenize_dataset
 from ..modeling import load_model, load_tokenizer
 from ..training import seed_everything
 from .config import RunConfig
 from .partition import ClientShard, client_shards
+from .personalization import SHARED, prepare_model
 
-_MODELS: dict[str, tuple[nn.Module, PreTrainedTokenizerBase]] = {}
+_MODELS: dict[str, nn.Module] = {}
 _SHARDS: dict[str, list[ClientShard]] = {}
 _TOKENIZED: dict[tuple[str, int, str], datasets.Dataset] = {}
 
@@ -33,23 +34,26 @@ def _key(*parts: object) -> str:
 
 def model_and_tokenizer(config: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base with its adapter, built on first use in this process and reused afterwards."""
-    key = _key(config.model, config.adapter.to_adapter_config().to_dict())
+    key = _key(config.model, config.adapter.to_adapter_config().to_dict(), config.personalization)
     if key not in _MODELS:
-        seed_everything(config.seed)
-        m = config.model
-        model = load_model(m.name, task=m.task, num_labels=m.num_labels, pooling=m.pooling)
-        add_adapter(model, config.adapter.to_adapter_config())
-        _MODELS[key] = (model, load_tokenizer(m.name))
-    return _MODELS[key]
+        _MODELS[key] = build_adapted_model(config)
+    return _MODELS[key], tokenizer(config.model.name)
 
 
-def initial_arrays(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord(adapter_state_dict(model))
+def build_adapted_model(config: RunConfig) -> nn.Module:
+    """The base loaded from disk (or the Hub) with the run's shared adapter and the personalization mode's
+    private modules; seeded, so every process builds the same initial weights."""
+    seed_everything(config.seed)
+    m = config.model
+    model = load_model(m.name, task=m.task, num_labels=m.num_labels, pooling=m.pooling)
+    add_adapter(model, config.adapter.to_adapter_config(), SHARED)
+    prepare_model(model, config)
+    return model
 
 
-def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
-    """Overwrites the adapter (and head) with the message's tensors; refuses anything else."""
-    load_adapter_state_dict(model, arrays.to_torch_state_dict())
+@functools.cache
+def tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(model_name)
 
 
 def training_data(config: RunConfig) -> datasets.Dataset:
@@ -77,9 +81,8 @@ def shards(config: RunConfig) -> list[ClientShard]:
 def tokenized(config: RunConfig, dataset: datasets.Dataset, cache_key: tuple[int, str]) -> datasets.Dataset:
     key = (_key(config.data, config.partition, config.model, config.seed), *cache_key)
     if key not in _TOKENIZED:
-        _, tokenizer = model_and_tokenizer(config)
         m = config.model
-        _TOKENIZED[key] = tokenize_dataset(dataset, tokenizer, config.data.columns, m.max_length, m.num_labels, m.task)
+        _TOKENIZED[key] = tokenize_dataset(dataset, tokenizer(m.name), config.data.columns, m.max_length, m.num_labels, m.task)
     return _TOKENIZED[key]
 
 
