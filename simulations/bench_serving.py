@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import load_or_explain, parse_args
+from common import load_or_explain, output_dir, parse_args
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, save_adapter
 from fed_adapters.configuration import load_toml, to_toml
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_explain(lambda path, overrides: load_toml(path, ServingConfig, overrides), args)
     if config is None:
         return 2
-    out = Path(config.results_dir) / config.run_name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(dataclasses.asdict(config)))
+    out = output_dir(Path(config.results_dir) / config.run_name, to_toml(dataclasses.asdict(config)))
     torch.set_grad_enabled(False)
 
     print(f"building {config.clients} client adapters ...", flush=True)

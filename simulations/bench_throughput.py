@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import load_or_explain, parse_args
+from common import load_or_explain, output_dir, parse_args
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_explain(load_run_config, parse_args(__doc__, "configs/bench_throughput.toml", argv))
     if config is None:
         return 2
-    out = config.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config.to_toml())
+    out = output_dir(config.run_dir, config.to_toml())
     rows = []
     for name in VARIANTS:
         print(f"== {name}", flush=True)

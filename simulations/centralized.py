@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import load_or_explain, parse_args
+from common import load_or_explain, output_dir, parse_args, select
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base, trainable_parameters
 from fed_adapters.configuration import ConfigError, load_toml, to_toml
@@ -124,14 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_explain(lambda path, overrides: load_toml(path, CentralizedConfig, overrides), args)
     if config is None:
         return 2
-    variants = config.variants
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = sorted(set(wanted) - {v.name for v in variants})
-        if unknown:
-            print(f"error: --only names unknown variant(s) {unknown}; the config has {[v.name for v in variants]}", file=sys.stderr)
-            return 2
-        variants = [v for v in variants if v.name in wanted]
+    wanted = select(args.only, [v.name for v in config.variants], "variant")
+    if wanted is None:
+        return 2
+    variants = [v for v in config.variants if v.name in wanted]
 
     seed_everything(config.seed)
     d = config.data
@@ -146,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set = tokenize_dataset(train_raw, tokenizer, columns, d.max_length, d.num_labels)
     eval_set = tokenize_dataset(eval_raw, tokenizer, columns, d.max_length, d.num_labels)
 
-    out = Path(config.results_dir) / config.run_name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(dataclasses.asdict(config)))
+    out = output_dir(Path(config.results_dir) / config.run_name, to_toml(dataclasses.asdict(config)))
     rows = []
     started = time.time()
     for variant in variants:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from fed_adapters.configuration import ConfigError
@@ -26,3 +27,22 @@ def load_or_explain(load: Any, args: argparse.Namespace) -> Any | None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
+
+
+def output_dir(directory: Path, resolved_config_toml: str) -> Path:
+    """The benchmark's result directory, with the resolved config written first (results go beside it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.toml").write_text(resolved_config_toml)
+    return directory
+
+
+def select(requested: str | None, known: list[str], what: str) -> list[str] | None:
+    """The comma-separated names in `requested` (all of `known` when None); None after explaining unknown ones."""
+    if requested is None:
+        return list(known)
+    wanted = requested.split(",")
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        print(f"error: unknown {what}(s) {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+        return None
+    return wanted

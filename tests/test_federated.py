@@ -110,7 +110,8 @@ def test_flower_app_config_declares_every_run_config_key() -> None:
     assert run_config_from_flat(flat) == RunConfig()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sst2_iid", "sst2_dirichlet", "mrpc", "agnews", "amazon_domains", "causal_lm"])
+@pytest.mark.parametrize("name", ["quickstart", "sst2_iid", "sst2_dirichlet", "mrpc", "agnews", "amazon_domains", "causal_lm",
+                                  "bench_throughput", "personalization_amazon", "personalization_sst2_dirichlet"])
 def test_shipped_configs_are_valid(name: str) -> None:
     config = load_run_config(REPO / "configs" / f"{name}.toml")
     assert config.run_name == name
