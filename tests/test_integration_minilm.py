@@ -100,7 +100,8 @@ def test_simulate_cli_runs_minilm_on_an_sst2_slice(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "slice"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "accuracy.png", "adapter", "checkpoints", "config.toml", "metrics.csv", "metrics.json", "partition.json",
+        "accuracy.png", "adapter", "checkpoints", "clients.csv", "config.toml", "metrics.csv", "metrics.json",
+        "partition.json", "personalization.png",
     ]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
