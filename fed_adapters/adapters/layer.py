@@ -163,8 +163,7 @@ class AdapterLayer(nn.ModuleDict):
             return names if any(n in self for n in names) else []
         if isinstance(self.active, Fuse):
             return list(self.active.names) if all(n in self for n in composition_members(self.active)) else []
-        names = [self.active] if isinstance(self.active, str) else list(self.active.names) if self.active else []
-        return [n for n in names if n in self]
+        return [n for n in composition_members(self.active) if n in self]
 
     def _needs_input(self) -> bool:
         return any(self[name].config.placement == "parallel" for name in self._selected())

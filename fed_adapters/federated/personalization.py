@@ -90,8 +90,11 @@ def private_parameters(model: nn.Module, config: RunConfig) -> Params:
     p = config.personalization
     if p.mode in ("none", "finetune"):
         return {}
-    shared = adapter_parameters(model, SHARED, include_head=False)
-    params: Params = {k: shared[k] for k in _private_top_layer_keys(model, config)}
+    params: Params = {}
+    private_top = _private_top_layer_keys(model, config)
+    if private_top:
+        shared = adapter_parameters(model, SHARED, include_head=False)
+        params.update({k: shared[k] for k in private_top})
     if PRIVATE in adapter_configs(model):
         params.update({f"{PRIVATE}/{k}": v for k, v in adapter_parameters(model, PRIVATE, include_head=False).items()})
     if p.mode == "fusion":
