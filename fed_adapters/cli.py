@@ -3,6 +3,8 @@
     fed-adapters simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs] [--debug]
     fed-adapters export RUN_DIR --client ID OUT_DIR
     fed-adapters predict ADAPTER_DIR --input FILE.jsonl --output OUT.jsonl [--model NAME_OR_DIR]
+    fed-adapters deploy certs DIR --nodes NAME ... [--hosts HOST ...]
+    fed-adapters deploy local CONFIG.toml [--silos N] [--work-dir DIR] [--port P] [--insecure]
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 import sys
 
 from .adapters import AdapterConfigError, AdapterStateError
+from .deploy.certs import CertificateError
+from .deploy.processes import ProcessError
 from .configuration import ConfigError
 from .data import DataError
 from .modeling import ModelConfigError
 
 USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, ModelConfigError, FileNotFoundError,
-               FileExistsError)
+               FileExistsError, CertificateError, ProcessError)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -44,6 +48,52 @@ def _predict(args: argparse.Namespace) -> int:
                          device=args.device, overwrite=args.overwrite)
     print(f"{count} predictions written to {args.output}")
     return 0
+
+
+def _deploy_certs(args: argparse.Namespace) -> int:
+    from .deploy.certs import create_certificates
+
+    certs = create_certificates(args.directory, args.nodes, args.hosts or None, days=args.days)
+    print(f"CA {certs.ca}\nSuperLink certificate {certs.superlink_cert} (key {certs.superlink_key})")
+    for name in args.nodes:
+        print(f"node {name}: give the silo {certs.node_key(name)}; register {certs.node_public_key(name)}")
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy.try_local import run_local_deployment
+    from .federated.config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    work_dir = Path(args.work_dir or f"deployments/{config.run_name}")
+    if work_dir.exists() and any(work_dir.iterdir()):
+        raise FileExistsError(f"{work_dir} is not empty (an earlier deployment's certificates and results); "
+                              "give another --work-dir or remove it")
+    run_dir = run_local_deployment(config, args.silos, work_dir, port=args.port, insecure=args.insecure)
+    print(f"deployment stopped; results in {run_dir}")
+    return 0
+
+
+def _add_deploy(commands: argparse._SubParsersAction) -> None:
+    deploy = commands.add_parser("deploy", help="cross-silo deployment on Flower's Deployment Engine")
+    actions = deploy.add_subparsers(dest="action", required=True)
+    certs = actions.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and SuperNode key pairs")
+    certs.add_argument("directory", help="where to write them (existing files are kept)")
+    certs.add_argument("--nodes", nargs="+", required=True, metavar="NAME", help="one key pair per SuperNode")
+    certs.add_argument("--hosts", nargs="+", metavar="HOST",
+                       help="names/IPs the SuperLink is reached at (default: localhost 127.0.0.1 ::1)")
+    certs.add_argument("--days", type=int, default=365, help="validity of new certificates (default: 365)")
+    certs.set_defaults(handler=_deploy_certs)
+    local = actions.add_parser("local", help="run a config on a loopback SuperLink + SuperNodes (TLS, node auth)")
+    local.add_argument("config", help="TOML run config; its training data are split into one file per silo")
+    local.add_argument("--silos", type=int, default=3, help="number of SuperNodes (default: 3)")
+    local.add_argument("--work-dir", help="certificates, silo data, logs and results (default: deployments/<run_name>)")
+    local.add_argument("--port", type=int, default=9400, help="SuperLink port; nodes use port+10.. (default: 9400)")
+    local.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (not for real data)")
+    local.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    local.set_defaults(handler=_deploy_local)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     predict.set_defaults(handler=_predict)
+    _add_deploy(commands)
     return parser
 
 

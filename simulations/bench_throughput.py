@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fed_adapters.federated.client_app import app as adapter_client_app
-from fed_adapters.federated.client_app import local_fit, partition_id, reply, run_config_from_message, train_metrics
+from fed_adapters.federated.client_app import client_site, local_fit, reply, run_config_from_record, train_metrics
 from fed_adapters.federated.config import RunConfig, load_run_config
 from fed_adapters.federated.simulation import simulate
 from fed_adapters.federated.personalization import WireFormat
@@ -55,13 +55,13 @@ baseline_client_app = ClientApp()
 @baseline_client_app.train()
 def train_rebuilt_model(msg: Message, context: Context) -> Message:
     """The common Flower example: build the model from disk, load every weight, train, send every weight."""
-    config = run_config_from_message(msg)
+    config = run_config_from_record(msg.content["config"])
     model = build_adapted_model(config)
     tokenizer = load_tokenizer(config.model.name)
     FULL_MODEL.load(model, msg.content["arrays"])
-    client = partition_id(context)
-    stats = local_fit(model, tokenizer, config, client, int(msg.content["config"]["server-round"]))()
-    return reply(msg, FULL_MODEL.pack(model), train_metrics(stats, len(client_data(config, client)[0])))
+    site = client_site(context)
+    stats = local_fit(model, tokenizer, config, site, int(msg.content["config"]["server-round"]))()
+    return reply(msg, FULL_MODEL.pack(model), train_metrics(stats, len(client_data(config, site)[0])))
 
 
 VARIANTS: dict[str, tuple[ClientApp, WireFormat | None]] = {

@@ -24,7 +24,7 @@ from fed_adapters.federated.personalization import (
 )
 from fed_adapters.federated.private_store import PrivateStateError, PrivateStore
 from fed_adapters.federated.simulation import simulate
-from fed_adapters.federated.task import build_adapted_model, client_data, shards, tokenizer
+from fed_adapters.federated.task import ClientSite, build_adapted_model, client_data, shards, tokenizer
 from fed_adapters.training import evaluate, train
 
 MODES = [
@@ -43,7 +43,7 @@ def _config(tmp_path, tiny_base, keyword_data, mode: str, private: str, personal
 
 def _client_functions(model, config, client: int, steps: int = 8):
     """What the ClientApp passes to personalization: seeded local training and local-test evaluation."""
-    train_set, test_set = client_data(config, client)
+    train_set, test_set = client_data(config, ClientSite(client))
     tok = tokenizer(config.model.name)
 
     def fit(max_steps=None, prox_mu=0.0, prox_reference=None):
@@ -81,7 +81,7 @@ def test_every_mode_shares_only_its_shared_part_trains_and_evaluates(tmp_path, t
     assert store.path(0).exists() == (mode not in ("none", "finetune"))
 
     global_metrics, personal = evaluate_client(model, config, outgoing, store, 0, evaluate_now, fit)
-    assert global_metrics["num_examples"] == personal["num_examples"] == len(client_data(config, 0)[1])
+    assert global_metrics["num_examples"] == personal["num_examples"] == len(client_data(config, ClientSite(0))[1])
     if mode == "none":
         assert personal == global_metrics
     else:

@@ -1,7 +1,8 @@
 """The Flower ClientApp: a client trains and evaluates only its adapter (and head) on its private shard.
 
 The run's configuration arrives with every message (`config["run-config"]`, JSON), so the same ClientApp
-serves `fed-adapters simulate`, `flwr run` and deployed SuperNodes. Replies carry the shared adapter (and
+serves `fed-adapters simulate`, `flwr run` and deployed SuperNodes; a SuperNode names its own data with
+`--node-config "data-path=..."` (see `client_site`). Replies carry the shared adapter (and
 head) tensors and metrics, nothing of the frozen base and nothing a personalization mode keeps private.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import json
 import resource
+from pathlib import Path
 
 import ray
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -21,42 +23,66 @@ from ..data import make_loader
 from ..training import TrainStats, evaluate, seed_everything, train
 from .config import RunConfig
 from .personalization import Fit, evaluate_client, train_client
-from .private_store import PrivateStore
-from .task import client_data, model_and_tokenizer
+from .privacy import UNIFORM_WEIGHT_KEY, clip_when_asked
+from .secure_aggregation import is_secure_fit, secure_fit_reply, secure_when_asked
+from .task import ClientSite, client_data, model_and_tokenizer
 
 RUN_CONFIG_KEY = "run-config"
 
 app = ClientApp()
 
 
-def run_config_from_message(msg: Message) -> RunConfig:
-    return from_mapping(RunConfig, json.loads(msg.content["config"][RUN_CONFIG_KEY]))
+def run_config_from_record(message_config: ConfigRecord) -> RunConfig:
+    return from_mapping(RunConfig, json.loads(str(message_config[RUN_CONFIG_KEY])))
 
 
-def partition_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+def client_site(context: Context) -> ClientSite:
+    """The client this node serves: a partition of the run's data (simulation) or the node's own data file.
+
+    A SuperNode's node config: `data-path` (required), `state-dir` (private state, default beside the data),
+    `client-id` (the name in reports and seeds, default the node id).
+    """
+    node = context.node_config
+    if "partition-id" in node:
+        return ClientSite(int(node["partition-id"]))
+    if "data-path" not in node:
+        raise ValueError("this SuperNode has no data: start it with --node-config \"data-path=/path/to/data.jsonl\"")
+    data_path = str(node["data-path"])
+    state_dir = str(node.get("state-dir") or Path(data_path).expanduser().resolve().parent / "fed_adapters_state")
+    return ClientSite(int(node.get("client-id", context.node_id % 2**31)), data_path, state_dir)
 
 
-@app.train()
+@app.train(mods=[clip_when_asked, secure_when_asked])
 def train_adapter(msg: Message, context: Context) -> Message:
-    config = run_config_from_message(msg)
+    def train_here(arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+        return train_locally(arrays, config, context)
+
+    if is_secure_fit(msg):
+        return secure_fit_reply(msg, train_here)
+    return reply(msg, *train_here(msg.content["arrays"], msg.content["config"]))
+
+
+def train_locally(arrays: ArrayRecord, message_config: ConfigRecord, context: Context) -> tuple[ArrayRecord, MetricRecord]:
+    """Local training from the received shared tensors; returns the tensors to send back and the metrics."""
+    config = run_config_from_record(message_config)
     model, tokenizer = model_and_tokenizer(config)
-    client = partition_id(context)
-    fit = local_fit(model, tokenizer, config, client, *_round_and_mu(msg))
-    arrays, stats = train_client(model, config, msg.content["arrays"], PrivateStore(config.private_state_dir), client, fit)
-    return reply(msg, arrays, train_metrics(stats, len(client_data(config, client)[0])))
+    site = client_site(context)
+    fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
+    arrays, stats = train_client(model, config, arrays, site.store(config), site.client, fit)
+    return arrays, train_metrics(stats, len(client_data(config, site)[0]))
 
 
-def _round_and_mu(msg: Message) -> tuple[int, float]:
+def _round_and_mu(message_config: ConfigRecord) -> tuple[int, float]:
     """The server round and FedProx's mu (0 for other strategies) of a message."""
-    return int(msg.content["config"]["server-round"]), float(msg.content["config"].get("proximal-mu", 0.0))
+    return int(message_config["server-round"]), float(message_config.get("proximal-mu", 0.0))
 
 
-def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, client: int, server_round: int,
+def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, site: ClientSite, server_round: int,
               strategy_mu: float = 0.0) -> Fit:
     """Seeded local training on this client's shard; each call of the result starts from the same seed."""
-    train_set, _ = client_data(config, client)
-    call_seed = config.seed + 7919 * server_round + client  # each (round, client) repeats exactly, in any actor
+    train_set, _ = client_data(config, site)
+    # Each (round, client) repeats exactly, in any actor or process.
+    call_seed = (config.seed + 7919 * server_round + site.client) % 2**32
     t = config.train
 
     def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None) -> TrainStats:
@@ -71,6 +97,7 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
 def train_metrics(stats: TrainStats, num_examples: int) -> MetricRecord:
     return MetricRecord({
         "num-examples": num_examples,
+        UNIFORM_WEIGHT_KEY: 1,
         "train-loss": stats.loss,
         "train-seconds": stats.seconds,
         "train-steps": stats.steps,
@@ -92,20 +119,20 @@ def _assigned_gpu() -> int:
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """The global model's and the client's personal model's metrics on its local test split."""
-    config = run_config_from_message(msg)
+    config = run_config_from_record(msg.content["config"])
     model, tokenizer = model_and_tokenizer(config)
-    client = partition_id(context)
-    _, test_set = client_data(config, client)
+    site = client_site(context)
+    _, test_set = client_data(config, site)
     t = config.train
 
     def evaluate_now() -> dict[str, float]:
         loader = make_loader(test_set, tokenizer, t.eval_batch_size, task=config.model.task)
         return evaluate(model, loader, device=t.device, amp=t.amp)
 
-    fit = local_fit(model, tokenizer, config, client, *_round_and_mu(msg))
-    global_metrics, personal = evaluate_client(model, config, msg.content["arrays"], PrivateStore(config.private_state_dir),
-                                               client, evaluate_now, fit)
-    record = {"num-examples": len(test_set), "partition-id": client}
+    fit = local_fit(model, tokenizer, config, site, *_round_and_mu(msg.content["config"]))
+    global_metrics, personal = evaluate_client(model, config, msg.content["arrays"], site.store(config), site.client,
+                                               evaluate_now, fit)
+    record = {"num-examples": len(test_set), "partition-id": site.client}
     for prefix, metrics in (("", global_metrics), ("personal-", personal)):
         record.update({prefix + k.replace("_", "-"): v for k, v in metrics.items() if k != "num_examples"})
     return Message(content=RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)

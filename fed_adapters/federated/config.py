@@ -18,9 +18,11 @@ from ..data import TextColumns
 from ..modeling import DEFAULT_MODEL, POOLINGS, TASKS
 from ..training import Optimization
 
-PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological", "natural")
+# "nodes": a deployment; every SuperNode brings its own data file (node config data-path).
+PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological", "natural", "nodes")
 PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
 PRIVATE_PARTS = ("head", "top_layers", "stacked")
+DP_MODES = ("none", "central")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 
 
@@ -107,7 +109,7 @@ class DataSection:
 @dataclass
 class PartitionSection:
     method: str = "iid"
-    num_clients: int = 10  # ignored by "natural": one client per distinct value of `column`
+    num_clients: int = 10  # "natural": ignored (one client per value of `column`); "nodes": SuperNodes to wait for
     alpha: float = 0.5  # Dirichlet concentration (dirichlet: over clients per label; inner_dirichlet: over labels per client)
     labels_per_client: int = 2  # pathological
     column: str = "client_id"  # natural
@@ -181,6 +183,43 @@ class PersonalizationSection:
 
 
 @dataclass
+class PrivacySection:
+    """Differential privacy of the aggregate (see `privacy.py`)."""
+
+    # "central": each client clips its adapter update to `clipping_norm` (L2, client side), the server averages
+    # the clipped updates uniformly and adds Gaussian noise of std noise_multiplier x clipping_norm / clients.
+    dp: str = "none"
+    clipping_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    target_delta: float = 1e-5  # the delta at which the accountant reports epsilon
+    # SecAgg+ (see `secure_aggregation.py`): the server sees only masked updates and their sum.
+    secure_aggregation: bool = False
+    secagg_shares: int = 0  # key shares per client, > 2; 0 = every other sampled client
+    secagg_threshold: int = 2  # shares needed to reconstruct a dropped client's mask
+    secagg_max_weight: float = 1000.0  # >= the largest client's num_examples (weights are scaled by it)
+    secagg_clipping_range: float = 8.0  # >= the largest |adapter value| x weight / max_weight
+    secagg_quantization_range: int = 4194304  # 2^22 levels; x clients must stay below 2^32
+
+    def __post_init__(self) -> None:
+        _choice("privacy.dp", self.dp, DP_MODES)
+        if self.secagg_shares and self.secagg_shares <= 2:
+            raise ConfigError(f"privacy.secagg_shares must be 0 (all clients) or > 2, got {self.secagg_shares}")
+        _at_least("privacy.secagg_threshold", self.secagg_threshold, 2)
+        if self.secagg_shares and self.secagg_threshold >= self.secagg_shares:
+            raise ConfigError(f"privacy.secagg_threshold = {self.secagg_threshold} must be below privacy.secagg_shares = "
+                              f"{self.secagg_shares}")
+        for key in ("secagg_max_weight", "secagg_clipping_range"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"privacy.{key} must be > 0, got {getattr(self, key)}")
+        if self.clipping_norm <= 0:
+            raise ConfigError(f"privacy.clipping_norm must be > 0, got {self.clipping_norm}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.target_delta < 1:
+            raise ConfigError(f"privacy.target_delta must lie in (0, 1), got {self.target_delta}")
+
+
+@dataclass
 class SimulationSection:
     num_cpus: float = 1.0  # per virtual client (Ray actor)
     num_gpus: float = 0.0  # per virtual client; 0.25 puts four clients on one GPU
@@ -206,10 +245,26 @@ class RunConfig:
     strategy: StrategySection = field(default_factory=StrategySection)
     train: TrainSection = field(default_factory=TrainSection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
         p = self.personalization
+        if self.privacy.secure_aggregation and (self.privacy.dp != "none" or self.strategy.name != "fedavg"):
+            raise ConfigError(
+                "privacy.secure_aggregation = true computes FedAvg's sum through SecAgg+; it combines with neither "
+                f"strategy.name = {self.strategy.name!r} (use 'fedavg') nor privacy.dp = {self.privacy.dp!r} (use 'none')"
+            )
+        if self.privacy.secure_aggregation and self.strategy.min_train_clients < 3:
+            raise ConfigError(
+                f"privacy.secure_aggregation needs strategy.min_train_clients >= 3, got {self.strategy.min_train_clients}: "
+                "with 2 clients each learns the other's update from the sum"
+            )
+        if self.privacy.dp != "none" and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ConfigError(
+                f"privacy.dp = {self.privacy.dp!r} adds noise to a uniform mean of clipped updates, which "
+                f"strategy.name = {self.strategy.name!r} does not compute; use 'fedavg' or 'fedprox'"
+            )
         if p.mode == "split" and p.private != "stacked" and not self.adapter.train_head:
             raise ConfigError(
                 f"personalization.private = {p.private!r} keeps the head private, but adapter.train_head = false "

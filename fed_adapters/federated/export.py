@@ -12,7 +12,7 @@ from .client_app import local_fit
 from .config import RunConfig, load_run_config
 from .personalization import SHARED, activate_personal_model
 from .private_store import PrivateStore
-from .task import build_adapted_model, tokenizer
+from .task import ClientSite, build_adapted_model, tokenizer
 
 
 def export_client(run_dir: str | Path, client: int, out_dir: str | Path) -> Path:
@@ -31,7 +31,7 @@ def export_client(run_dir: str | Path, client: int, out_dir: str | Path) -> Path
     model = build_adapted_model(config)
     load_adapter(model, run_dir / "adapter", name=SHARED)
     # The finetune mode's personal model is re-made exactly as the final report made it: same data, same seed.
-    fit = local_fit(model, tokenizer(config.model.name), config, client, config.strategy.num_rounds)
+    fit = local_fit(model, tokenizer(config.model.name), config, ClientSite(client), config.strategy.num_rounds)
     activate_personal_model(model, config, store, client, fit)
     return save_adapter_set(model, out_dir)
 

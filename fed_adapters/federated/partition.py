@@ -58,6 +58,10 @@ def make_partitioner(section: PartitionSection, label_column: str, seed: int, si
 
 def partition(dataset: datasets.Dataset, section: PartitionSection, label_column: str, seed: int) -> list[datasets.Dataset]:
     """The clients' shards, in partition-id order."""
+    if section.method == "nodes":
+        raise ConfigError("partition.method = 'nodes' is for deployments, where every SuperNode brings its own data "
+                          "(--node-config \"data-path=...\"); a simulation partitions one data set: choose iid, "
+                          "dirichlet, inner_dirichlet, pathological or natural")
     needed = section.column if section.method == "natural" else label_column
     if needed not in dataset.column_names:
         what = "partition.column" if section.method == "natural" else "data.label"

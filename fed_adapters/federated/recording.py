@@ -76,6 +76,20 @@ class RoundRecorder:
             client_peak_rss_mb=max((m["peak-rss-mb"] for m in metrics if "peak-rss-mb" in m), default=0.0),
         )
 
+    def note(self, **fields: float) -> None:
+        """Extra measurements of the round in progress (e.g. the privacy spent)."""
+        self._current.update(fields)
+
+    def add(self, server_round: int, **amounts: float) -> None:
+        """Adds to the round's counters; the first call of a round starts its clock (protocols of many stages)."""
+        if self._current.get("round") != server_round:
+            self._current = {"round": server_round, "started": time.perf_counter()}
+        for key, amount in amounts.items():
+            self._current[key] = self._current.get(key, 0) + amount
+
+    def current(self, key: str, default: float = 0) -> float:
+        return self._current.get(key, default)
+
     def evaluated(self, server_round: int, metrics: dict[str, float], seconds: float = 0.0) -> None:
         """The server's evaluation (which took `seconds`) closes a round (round 0: the initial adapter)."""
         keep = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "loss", "macro_f1", "perplexity")}
@@ -100,5 +114,7 @@ class RoundRecorder:
         if record["round"] > 0:
             parts.append(f"clients {record.get('clients_replied', 0)}/{record.get('clients_sampled', 0)}")
             parts.append(f"down {record.get('bytes_down', 0) / 1e6:.2f} MB up {record.get('bytes_up', 0) / 1e6:.2f} MB")
+            if "dp_epsilon" in record:
+                parts.append(f"eps {record['dp_epsilon']:.2f}")
             parts.append(f"{record['seconds']:.1f} s")
         return "  ".join(parts)

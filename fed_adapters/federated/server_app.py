@@ -19,6 +19,7 @@ from . import client_report, results
 from .client_app import RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
+from .secure_aggregation import run_secure_rounds
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
 from .personalization import SharedWire, WireFormat
@@ -43,11 +44,7 @@ def run_federation(
     wire = wire or SharedWire(config)
     seed_everything(config.seed)
     run_dir = results.prepare_run_dir(config, overwrite)
-    client_shards = shards(config)
-    summary = summarize(client_shards, config.data.label)
-    write_summary(summary, run_dir / "partition.json", config.partition.method)
-    if verbose:
-        print(f"partition ({config.partition.method}, {len(client_shards)} clients):\n{format_summary(summary)}", flush=True)
+    num_clients = _partition_report(config, run_dir, verbose)
 
     # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.
     model = build_adapted_model(config)
@@ -64,22 +61,24 @@ def run_federation(
         recorder.evaluated(server_round, metrics, seconds=time.perf_counter() - started)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    strategy = make_strategy(config, len(client_shards), recorder)
     run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict())})
     started = time.perf_counter()
-    result = strategy.start(
-        grid=grid, initial_arrays=wire.pack(model), num_rounds=config.strategy.num_rounds,
-        timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
-        evaluate_fn=evaluate_global,
-    )
-    wire.load(model, result.arrays)
+    if config.privacy.secure_aggregation:
+        final_arrays = run_secure_rounds(grid, config, wire.pack(model), run_config, num_clients, recorder, evaluate_global)
+    else:
+        final_arrays = make_strategy(config, num_clients, recorder).start(
+            grid=grid, initial_arrays=wire.pack(model), num_rounds=config.strategy.num_rounds,
+            timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
+            evaluate_fn=evaluate_global,
+        ).arrays
+    wire.load(model, final_arrays)
     save_adapter(model, run_dir / "adapter")
     if config.partition.local_test_fraction > 0 and config.model.task == "classification":
         final = ConfigRecord({**dict(run_config), "server-round": config.strategy.num_rounds})
-        recorder.clients = client_report.evaluate_every_client(grid, result.arrays, final, config.strategy.round_timeout)
+        recorder.clients = client_report.evaluate_every_client(grid, final_arrays, final, config.strategy.round_timeout)
         client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
     summary = client_report.summarize(recorder.clients) if recorder.clients else None
-    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, len(client_shards),
+    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, num_clients,
                       recorder.wire_keys, summary)
     if verbose:
         print(results.format_rounds(recorder.records), flush=True)
@@ -87,3 +86,19 @@ def run_federation(
             print(client_report.format_summary(summary), flush=True)
         print(f"results in {run_dir}", flush=True)
     return recorder
+
+
+def _partition_report(config: RunConfig, run_dir, verbose: bool) -> int:
+    """Writes partition.json (and prints it); returns the number of clients the strategy waits for.
+
+    A deployment's data stay on its SuperNodes: the server knows only how many to expect.
+    """
+    if config.partition.method == "nodes":
+        write_summary([], run_dir / "partition.json", "nodes")
+        return config.partition.num_clients
+    client_shards = shards(config)
+    summary = summarize(client_shards, config.data.label)
+    write_summary(summary, run_dir / "partition.json", config.partition.method)
+    if verbose:
+        print(f"partition ({config.partition.method}, {len(client_shards)} clients):\n{format_summary(summary)}", flush=True)
+    return len(client_shards)

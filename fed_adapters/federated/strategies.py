@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import (
 )
 
 from .config import RunConfig
+from .privacy import UNIFORM_WEIGHT_KEY, with_privacy
 from .recording import RoundRecorder
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
@@ -77,6 +78,8 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         # Wait for every client before round 1: otherwise early rounds sample whoever registered first.
         min_available_nodes=num_clients,
     )
+    if config.privacy.dp != "none":
+        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY  # the noise is calibrated to a uniform mean
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     server_optimizer = dict(**server_lr, eta_l=config.train.lr, tau=s.tau)
     specific = {
@@ -88,4 +91,5 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "fedtrimmedavg": dict(beta=s.trim_beta),
         "krum": dict(num_malicious_nodes=s.krum_malicious),
     }
-    return _recording(STRATEGY_CLASSES[s.name])(recorder, **common, **specific.get(s.name, {}))
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, **common, **specific.get(s.name, {}))
+    return with_privacy(strategy, config, num_clients, recorder)

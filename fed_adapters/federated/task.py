@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 from torch import nn
@@ -20,12 +22,13 @@ from ..data import load_split, tokenize_dataset
 from ..modeling import load_model, load_tokenizer
 from ..training import seed_everything
 from .config import RunConfig
-from .partition import ClientShard, client_shards
+from .partition import ClientShard, client_shards, split_shard
 from .personalization import SHARED, prepare_model
+from .private_store import PrivateStore
 
 _MODELS: dict[str, nn.Module] = {}
 _SHARDS: dict[str, list[ClientShard]] = {}
-_TOKENIZED: dict[tuple[str, int, str], datasets.Dataset] = {}
+_TOKENIZED: dict[tuple[str, int | str, str], datasets.Dataset] = {}
 
 
 def _key(*parts: object) -> str:
@@ -78,7 +81,7 @@ def shards(config: RunConfig) -> list[ClientShard]:
     return _SHARDS[key]
 
 
-def tokenized(config: RunConfig, dataset: datasets.Dataset, cache_key: tuple[int, str]) -> datasets.Dataset:
+def tokenized(config: RunConfig, dataset: datasets.Dataset, cache_key: tuple[int | str, str]) -> datasets.Dataset:
     key = (_key(config.data, config.partition, config.model, config.seed), *cache_key)
     if key not in _TOKENIZED:
         m = config.model
@@ -86,10 +89,42 @@ def tokenized(config: RunConfig, dataset: datasets.Dataset, cache_key: tuple[int
     return _TOKENIZED[key]
 
 
-def client_data(config: RunConfig, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+@dataclass(frozen=True)
+class ClientSite:
+    """Which client a ClientApp call serves, and where its data and private state live.
+
+    In simulation a client is partition `client` of the run's data set; on a deployed SuperNode it is the
+    node's own file (`data_path`), which never leaves the node, and its private state stays in `state_dir`.
+    """
+
+    client: int
+    data_path: str = ""
+    state_dir: str = ""
+
+    def store(self, config: RunConfig) -> PrivateStore:
+        return PrivateStore(self.state_dir or config.private_state_dir)
+
+
+def node_shard(config: RunConfig, site: ClientSite) -> ClientShard:
+    """A SuperNode's own data split into local train and test, as a partition would be."""
+    key = _key("node", site.data_path, config.data, config.partition.local_test_fraction, config.seed)
+    if key not in _SHARDS:
+        path = Path(site.data_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"data-path {site.data_path!r} of this SuperNode does not exist; restart the node with "
+                                    "--node-config \"data-path=/absolute/path/to/data.jsonl\"")
+        dataset = load_split(str(path.resolve()), config.data.train_split)
+        _SHARDS[key] = [split_shard(dataset, config.partition.local_test_fraction, config.seed, site.client)]
+    return _SHARDS[key][0]
+
+
+def client_data(config: RunConfig, site: ClientSite) -> tuple[datasets.Dataset, datasets.Dataset]:
     """A client's tokenized local train and test splits."""
-    all_shards = shards(config)
-    if not 0 <= partition_id < len(all_shards):
-        raise ValueError(f"partition-id {partition_id} out of range: the partitioning has {len(all_shards)} clients")
-    shard = all_shards[partition_id]
-    return tokenized(config, shard.train, (partition_id, "train")), tokenized(config, shard.test, (partition_id, "test"))
+    if site.data_path:
+        shard, cache = node_shard(config, site), site.data_path
+    else:
+        all_shards = shards(config)
+        if not 0 <= site.client < len(all_shards):
+            raise ValueError(f"partition-id {site.client} out of range: the partitioning has {len(all_shards)} clients")
+        shard, cache = all_shards[site.client], site.client
+    return tokenized(config, shard.train, (cache, "train")), tokenized(config, shard.test, (cache, "test"))

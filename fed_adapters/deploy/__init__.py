@@ -1,0 +1,1 @@
+"""Cross-silo deployment on Flower's Deployment Engine: certificates and a loopback federation to try it."""

@@ -1,0 +1,142 @@
+"""Secure aggregation (SecAgg+, Bell et al. 2020): the server learns only the sum of the clients' adapters.
+
+Flower 1.41 runs SecAgg+ through its legacy workflow (`SecAggPlusWorkflow` + legacy `FedAvg` on the
+server, `secaggplus_mod` on the client), not through the Message-API strategies. Each client scales its
+adapter by num_examples / max_weight, clips it to +-clipping_range, quantizes it and adds pairwise masks
+that cancel only in the sum; the server sees masked integer vectors and the unmasked aggregate. The
+result is FedAvg's example-weighted mean up to quantization error.
+
+The ClientApp stays one app: `secure_when_asked` runs Flower's mod only for SecAgg+ messages, and the
+train handler answers the legacy fit format (`is_secure_fit` / `secure_fit_reply`) with the same local
+training as the plain path. Legacy messages carry tensors as an ordered list, so the server sends the
+tensor names with the fit config. Still visible to the server: each client's num_examples and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from .config import RunConfig
+from .recording import RoundRecorder
+
+NAMES_KEY = "tensor-names"
+FIT_PARAMETERS = "fitins.parameters"
+FIT_CONFIG = "fitins.config"
+
+
+# --- client side ---------------------------------------------------------------------------------------
+
+def secure_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: Flower's `secaggplus_mod` for SecAgg+ protocol messages, a no-op for plain ones."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secure_fit(msg: Message) -> bool:
+    return FIT_PARAMETERS in msg.content.array_records
+
+
+def secure_fit_reply(msg: Message, train: Callable[[ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]) -> Message:
+    """Answers a legacy fit message (the SecAgg+ workflow's) with `train`, the plain path's local training."""
+    config = msg.content.config_records[FIT_CONFIG]
+    names = json.loads(str(config[NAMES_KEY]))
+    received = msg.content.array_records[FIT_PARAMETERS].to_numpy_ndarrays()
+    arrays, metrics = train(_named(names, received), config)
+    result = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
+        num_examples=int(metrics["num-examples"]),
+        metrics=dict(metrics),
+    )
+    return Message(recorddict_compat.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
+
+
+def _named(names: list[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a, dtype=np.float32)) for name, a in zip(names, arrays, strict=True)})
+
+
+# --- server side ---------------------------------------------------------------------------------------
+
+class _TrafficGrid:
+    """The server's Grid, with every SecAgg+ stage's traffic added to the round's record."""
+
+    def __init__(self, grid: Grid, recorder: RoundRecorder) -> None:
+        self._grid = grid
+        self._recorder = recorder
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.group_id != "0":
+            ok = [r for r in replies if not r.has_error()]
+            masked = sum(RECORD_KEY_CONFIGS in r.content.config_records and _carries_masked_vector(r) for r in ok)
+            self._recorder.add(int(messages[0].metadata.group_id), bytes_down=sum(map(_payload_bytes, messages)),
+                               bytes_up=sum(map(_payload_bytes, ok)), clients_failed=len(replies) - len(ok),
+                               clients_replied=masked)
+            self._recorder.note(clients_sampled=max(len(messages), self._recorder.current("clients_sampled", 0)))
+        return replies
+
+    def __getattr__(self, name: str):  # get_node_ids, run, ...
+        return getattr(self._grid, name)
+
+
+def _carries_masked_vector(reply: Message) -> bool:
+    return Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+def _payload_bytes(message: Message) -> int:
+    """Tensor bytes plus the protocol's byte strings (keys, shares, masked vectors) of a message."""
+    content = message.content
+    size = sum(record.count_bytes() for record in content.array_records.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            size += sum(len(item) for item in items if isinstance(item, bytes))
+    return size
+
+
+def run_secure_rounds(
+    grid: Grid, config: RunConfig, initial: ArrayRecord, fit_config: ConfigRecord, num_clients: int,
+    recorder: RoundRecorder, evaluate_global: Callable[[int, ArrayRecord], MetricRecord],
+) -> ArrayRecord:
+    """`config.strategy.num_rounds` rounds of FedAvg through SecAgg+; returns the final shared arrays."""
+    s, p = config.strategy, config.privacy
+    names = list(initial.keys())
+
+    def round_config(server_round: int) -> dict:
+        return {**dict(fit_config), NAMES_KEY: json.dumps(names), "server-round": server_round}
+
+    def evaluate(server_round: int, ndarrays: list[np.ndarray], _: dict) -> tuple[float, dict]:
+        metrics = evaluate_global(server_round, _named(names, ndarrays))
+        return float(metrics["loss"]), dict(metrics)
+
+    strategy = LegacyFedAvg(
+        fraction_fit=s.fraction_train, fraction_evaluate=0.0, min_fit_clients=min(s.min_train_clients, num_clients),
+        min_available_clients=num_clients, on_fit_config_fn=round_config, evaluate_fn=evaluate,
+        initial_parameters=ndarrays_to_parameters([a.numpy() for a in initial.values()]),
+    )
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.num_rounds, round_timeout=s.round_timeout),
+                           strategy=strategy)
+    secure = SecAggPlusWorkflow(
+        num_shares=p.secagg_shares or 1.0, reconstruction_threshold=p.secagg_threshold, max_weight=p.secagg_max_weight,
+        clipping_range=p.secagg_clipping_range, quantization_range=p.secagg_quantization_range, timeout=s.round_timeout,
+    )
+    # A round that loses too many clients is skipped by Flower (logged); its record shows clients_replied.
+    DefaultWorkflow(fit_workflow=secure, evaluate_workflow=lambda *_: None)(_TrafficGrid(grid, recorder), legacy)
+    return _named(names, context.state.array_records["parameters"].to_numpy_ndarrays())
