@@ -9,10 +9,12 @@ head) tensors and metrics, nothing of the frozen base and nothing a personalizat
 from __future__ import annotations
 
 import json
+import os
 import resource
+import sys
+import time
 from pathlib import Path
 
-import ray
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -64,12 +66,23 @@ def train_adapter(msg: Message, context: Context) -> Message:
 
 def train_locally(arrays: ArrayRecord, message_config: ConfigRecord, context: Context) -> tuple[ArrayRecord, MetricRecord]:
     """Local training from the received shared tensors; returns the tensors to send back and the metrics."""
+    process_age, started = _process_age(), time.perf_counter()
     config = run_config_from_record(message_config)
     model, tokenizer = model_and_tokenizer(config)
     site = client_site(context)
     fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
+    setup = time.perf_counter() - started
     arrays, stats = train_client(model, config, arrays, site.store(config), site.client, fit)
-    return arrays, train_metrics(stats, len(client_data(config, site)[0]))
+    metrics = train_metrics(stats, len(client_data(config, site)[0]))
+    # What a call costs before training: a SuperNode starts a fresh process per message (imports, base, data).
+    metrics.update({"setup-seconds": setup, "process-age-seconds": process_age})
+    return arrays, metrics
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc); in a fresh ClientApp process, the start-up cost."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _round_and_mu(message_config: ConfigRecord) -> tuple[int, float]:
@@ -112,7 +125,8 @@ def reply(msg: Message, arrays: ArrayRecord, metrics: MetricRecord) -> Message:
 
 def _assigned_gpu() -> int:
     """The GPU Ray assigned to this actor (-1: none, or not under Ray), to show how clients were placed."""
-    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    ray = sys.modules.get("ray")  # never imported here: a SuperNode's ClientApp process does not need it
+    ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
     return int(ids[0]) if ids else -1
 
 

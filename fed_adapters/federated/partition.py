@@ -13,18 +13,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import datasets
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    InnerDirichletPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
 from ..configuration import ConfigError
 from .config import PartitionSection
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 DIRICHLET_SEEDS = 50  # x 10 draws each inside flwr-datasets' partitioner
@@ -37,6 +34,16 @@ class ClientShard:
 
 
 def make_partitioner(section: PartitionSection, label_column: str, seed: int, size: int) -> Partitioner:
+    # Imported here: flwr-datasets pulls in seaborn and scipy (seconds), which a SuperNode's ClientApp
+    # process, started afresh for every message and never partitioning, should not pay.
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        InnerDirichletPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
+
     if section.method == "iid":
         return IidPartitioner(num_partitions=section.num_clients)
     if section.method == "dirichlet":
