@@ -5,8 +5,10 @@ process: verified, see README), so each round pays Python's start, the imports a
 top of the clients' training. This script runs the same federation (2 silos, the config's rounds) with two
 versions of the Flower App, in one run:
 
-  before   the app as of git ref `--baseline-ref` (the first deployable version: eager imports)
-  after    the app in this checkout (ClientApp process skips flwr-datasets/seaborn/scipy and Ray imports)
+  before   the app as of git ref `--baseline-ref` (the first deployable version): every message's ClientApp
+           process imports torch, transformers, datasets, builds the base and loads the data
+  after    the app in this checkout: a light ClientApp process (flwr and numpy only) hands the work to the
+           node's long-running worker, which keeps base and data in memory across messages and rounds
 
 for two bases: a tiny random-init BERT (start-up dominates) and the packaged MiniLM. Per round it reports
 wall time, the slowest client's training, the server's evaluation, and the overhead = wall - training -

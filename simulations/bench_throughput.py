@@ -23,12 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import load_or_explain, output_dir, parse_args
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fed_adapters.federated.client_app import app as adapter_client_app
-from fed_adapters.federated.client_app import client_site, local_fit, reply, run_config_from_record, train_metrics
+from fed_adapters.federated.client_work import client_site, local_fit, run_config_from_record, train_metrics
 from fed_adapters.federated.config import RunConfig, load_run_config
 from fed_adapters.federated.simulation import simulate
 from fed_adapters.federated.personalization import WireFormat
@@ -59,9 +59,10 @@ def train_rebuilt_model(msg: Message, context: Context) -> Message:
     model = build_adapted_model(config)
     tokenizer = load_tokenizer(config.model.name)
     FULL_MODEL.load(model, msg.content["arrays"])
-    site = client_site(context)
+    site = client_site(dict(context.node_config), context.node_id)
     stats = local_fit(model, tokenizer, config, site, int(msg.content["config"]["server-round"]))()
-    return reply(msg, FULL_MODEL.pack(model), train_metrics(stats, len(client_data(config, site)[0])))
+    metrics = train_metrics(stats, len(client_data(config, site)[0]))
+    return Message(content=RecordDict({"arrays": FULL_MODEL.pack(model), "metrics": metrics}), reply_to=msg)
 
 
 VARIANTS: dict[str, tuple[ClientApp, WireFormat | None]] = {

@@ -76,6 +76,9 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path, tiny_base, keyword
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["clients_replied"] == 2 for r in rounds[1:])
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1, [r["accuracy"] for r in rounds]
+    # Each node's long-running worker trained both rounds: between them it aged by more than its training.
+    aged = rounds[2]["client_process_age_seconds_min"] - rounds[1]["client_process_age_seconds_min"]
+    assert aged > rounds[1]["client_train_seconds_max"] > 0
     # Only adapter and head tensors travelled, both ways (recorded on the messages themselves).
     expected = sorted(adapter_state_keys(build_adapted_model(config)))
     assert metrics["run"]["tensors_down"] == metrics["run"]["tensors_up"] == expected

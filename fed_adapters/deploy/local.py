@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .certs import CertificateSet, create_certificates
-from .processes import ProcessError, ProcessGroup
+from ..federated.node_worker import node_state_dir, running_pids
+from .processes import ProcessError, ProcessGroup, stop_pids
 
 FEDERATION = "fed-adapters-local"
 NODE_READY = "SuperNode ID:"  # logged once the SuperLink accepted the node
@@ -122,7 +123,8 @@ class LoopbackFederation:
         return int(answer["node-id"])
 
     def start_node(self, silo: Silo, index: int, private_key: Path | None = None) -> subprocess.Popen:
-        config = f'data-path="{silo.data_path.resolve()}"'
+        # client-id: a stable name, so that seeds (and results) do not depend on the node ids of this bring-up
+        config = f'data-path="{silo.data_path.resolve()}" client-id={index}'
         if silo.state_dir is not None:
             config += f' state-dir="{silo.state_dir.resolve()}"'
         if self.insecure:
@@ -164,4 +166,11 @@ class LoopbackFederation:
         return log
 
     def stop(self) -> list[int]:
-        return self.processes.stop()
+        """Stops every process; returns their pids (the nodes' workers included)."""
+        workers = sorted({pid for silo in self.silos for pid in running_pids(node_state_dir(self.node_config(silo)))})
+        stopped = self.processes.stop()
+        return stopped + stop_pids(workers)  # a worker exits by itself once its SuperNode is gone
+
+    @staticmethod
+    def node_config(silo: Silo) -> dict:
+        return {"data-path": str(silo.data_path), **({"state-dir": str(silo.state_dir)} if silo.state_dir else {})}

@@ -47,6 +47,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def stop_pids(pids: list[int], grace: float = 15.0, reap: list[subprocess.Popen] | None = None) -> list[int]:
+    """Waits up to `grace` s for `pids` (already told to stop) to exit, then SIGKILLs the rest."""
+    deadline = time.monotonic() + grace
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        for process in reap or []:
+            process.poll()  # our own children become zombies until reaped
+        time.sleep(0.1)
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
 class ProcessGroup:
     """Background processes with their logs; `stop()` ends all of them and their descendants."""
 
@@ -93,17 +109,7 @@ class ProcessGroup:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-            for _, process in self.started:
-                process.poll()  # reap our own children
-            time.sleep(0.1)
-        for pid in pids:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stop_pids(pids, grace, reap=[p for _, p in self.started])
         for _, process in self.started:
             try:
                 process.wait(timeout=grace)

@@ -2,151 +2,51 @@
 
 The run's configuration arrives with every message (`config["run-config"]`, JSON), so the same ClientApp
 serves `fed-adapters simulate`, `flwr run` and deployed SuperNodes; a SuperNode names its own data with
-`--node-config "data-path=..."` (see `client_site`). Replies carry the shared adapter (and
-head) tensors and metrics, nothing of the frozen base and nothing a personalization mode keeps private.
+`--node-config "data-path=..."`. Replies carry the shared adapter (and head) tensors and metrics, nothing
+of the frozen base and nothing a personalization mode keeps private.
+
+This module stays light (no torch, no transformers): in simulation the work runs here, in the Ray actor
+that keeps the base cached (`client_work.py`); on a SuperNode, where Flower starts a fresh process for
+every message, it goes to the node's long-running worker (`node_worker.py`), which keeps the base in
+memory across messages and rounds (node config `persistent-worker="false"` runs it in-process instead).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import sys
-import time
-from pathlib import Path
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from ..configuration import from_mapping
-from ..data import make_loader
-from ..training import TrainStats, evaluate, seed_everything, train
-from .config import RunConfig
-from .personalization import Fit, evaluate_client, train_client
-from .privacy import UNIFORM_WEIGHT_KEY, clip_when_asked
-from .secure_aggregation import is_secure_fit, secure_fit_reply, secure_when_asked
-from .task import ClientSite, client_data, model_and_tokenizer
-
-RUN_CONFIG_KEY = "run-config"
+from . import node_worker
+from .mods import clip_when_asked, is_secure_fit, secure_fit_reply, secure_when_asked
 
 app = ClientApp()
 
 
-def run_config_from_record(message_config: ConfigRecord) -> RunConfig:
-    return from_mapping(RunConfig, json.loads(str(message_config[RUN_CONFIG_KEY])))
+def run_work(kind: str, arrays: ArrayRecord, message_config: ConfigRecord, context: Context):
+    """`client_work.HANDLERS[kind]` on this message, in this process or in the node's worker."""
+    node = dict(context.node_config)
+    work = ({name: value.numpy() for name, value in arrays.items()}, dict(message_config), node, context.node_id)
+    if node_worker.wanted(node):
+        return node_worker.call(kind, *work)
+    from .client_work import HANDLERS  # here, not at import: a SuperNode's ClientApp process never needs it
 
-
-def client_site(context: Context) -> ClientSite:
-    """The client this node serves: a partition of the run's data (simulation) or the node's own data file.
-
-    A SuperNode's node config: `data-path` (required), `state-dir` (private state, default beside the data),
-    `client-id` (the name in reports and seeds, default the node id).
-    """
-    node = context.node_config
-    if "partition-id" in node:
-        return ClientSite(int(node["partition-id"]))
-    if "data-path" not in node:
-        raise ValueError("this SuperNode has no data: start it with --node-config \"data-path=/path/to/data.jsonl\"")
-    data_path = str(node["data-path"])
-    state_dir = str(node.get("state-dir") or Path(data_path).expanduser().resolve().parent / "fed_adapters_state")
-    return ClientSite(int(node.get("client-id", context.node_id % 2**31)), data_path, state_dir)
+    return HANDLERS[kind](*work)
 
 
 @app.train(mods=[clip_when_asked, secure_when_asked])
 def train_adapter(msg: Message, context: Context) -> Message:
     def train_here(arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-        return train_locally(arrays, config, context)
+        sent, metrics = run_work("train", arrays, config, context)
+        return ArrayRecord({name: Array(value) for name, value in sent.items()}), MetricRecord(metrics)
 
     if is_secure_fit(msg):
         return secure_fit_reply(msg, train_here)
-    return reply(msg, *train_here(msg.content["arrays"], msg.content["config"]))
-
-
-def train_locally(arrays: ArrayRecord, message_config: ConfigRecord, context: Context) -> tuple[ArrayRecord, MetricRecord]:
-    """Local training from the received shared tensors; returns the tensors to send back and the metrics."""
-    process_age, started = _process_age(), time.perf_counter()
-    config = run_config_from_record(message_config)
-    model, tokenizer = model_and_tokenizer(config)
-    site = client_site(context)
-    fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
-    setup = time.perf_counter() - started
-    arrays, stats = train_client(model, config, arrays, site.store(config), site.client, fit)
-    metrics = train_metrics(stats, len(client_data(config, site)[0]))
-    # What a call costs before training: a SuperNode starts a fresh process per message (imports, base, data).
-    metrics.update({"setup-seconds": setup, "process-age-seconds": process_age})
-    return arrays, metrics
-
-
-def _process_age() -> float:
-    """Seconds since this process started (Linux /proc); in a fresh ClientApp process, the start-up cost."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _round_and_mu(message_config: ConfigRecord) -> tuple[int, float]:
-    """The server round and FedProx's mu (0 for other strategies) of a message."""
-    return int(message_config["server-round"]), float(message_config.get("proximal-mu", 0.0))
-
-
-def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, site: ClientSite, server_round: int,
-              strategy_mu: float = 0.0) -> Fit:
-    """Seeded local training on this client's shard; each call of the result starts from the same seed."""
-    train_set, _ = client_data(config, site)
-    # Each (round, client) repeats exactly, in any actor or process.
-    call_seed = (config.seed + 7919 * server_round + site.client) % 2**32
-    t = config.train
-
-    def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None) -> TrainStats:
-        seed_everything(call_seed)
-        loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=call_seed, task=config.model.task)
-        return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None,
-                     **t.train_kwargs(), prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference)
-
-    return fit
-
-
-def train_metrics(stats: TrainStats, num_examples: int) -> MetricRecord:
-    return MetricRecord({
-        "num-examples": num_examples,
-        UNIFORM_WEIGHT_KEY: 1,
-        "train-loss": stats.loss,
-        "train-seconds": stats.seconds,
-        "train-steps": stats.steps,
-        "ray-gpu": _assigned_gpu(),
-        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
-    })
-
-
-def reply(msg: Message, arrays: ArrayRecord, metrics: MetricRecord) -> Message:
+    arrays, metrics = train_here(msg.content["arrays"], msg.content["config"])
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-def _assigned_gpu() -> int:
-    """The GPU Ray assigned to this actor (-1: none, or not under Ray), to show how clients were placed."""
-    ray = sys.modules.get("ray")  # never imported here: a SuperNode's ClientApp process does not need it
-    ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
-    return int(ids[0]) if ids else -1
 
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """The global model's and the client's personal model's metrics on its local test split."""
-    config = run_config_from_record(msg.content["config"])
-    model, tokenizer = model_and_tokenizer(config)
-    site = client_site(context)
-    _, test_set = client_data(config, site)
-    t = config.train
-
-    def evaluate_now() -> dict[str, float]:
-        loader = make_loader(test_set, tokenizer, t.eval_batch_size, task=config.model.task)
-        return evaluate(model, loader, device=t.device, amp=t.amp)
-
-    fit = local_fit(model, tokenizer, config, site, *_round_and_mu(msg.content["config"]))
-    global_metrics, personal = evaluate_client(model, config, msg.content["arrays"], site.store(config), site.client,
-                                               evaluate_now, fit)
-    record = {"num-examples": len(test_set), "partition-id": site.client}
-    for prefix, metrics in (("", global_metrics), ("personal-", personal)):
-        record.update({prefix + k.replace("_", "-"): v for k, v in metrics.items() if k != "num_examples"})
-    return Message(content=RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
+    metrics = run_work("evaluate", msg.content["arrays"], msg.content["config"], context)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -143,10 +143,13 @@ class StrategySection:
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
     krum_malicious: int = 0  # Krum: assumed malicious clients
     round_timeout: float = 3600.0
+    max_update_norm: float = 0.0  # reject client updates longer than this (L2, all shared tensors); 0 = no bound
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGIES)
         _at_least("strategy.num_rounds", self.num_rounds, 1)
+        if self.max_update_norm < 0:
+            raise ConfigError(f"strategy.max_update_norm must be >= 0 (0 = no bound), got {self.max_update_norm}")
         for key in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"strategy.{key} must lie in [0, 1], got {getattr(self, key)}")

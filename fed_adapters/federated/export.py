@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapters import load_adapter, save_adapter_set
 from ..configuration import ConfigError
-from .client_app import local_fit
+from .client_work import local_fit
 from .config import RunConfig, load_run_config
 from .personalization import SHARED, activate_personal_model
 from .private_store import PrivateStore

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -29,18 +26,6 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from .config import RunConfig
 from .recording import RoundRecorder
-
-# Every training reply carries this metric (= 1); DP runs average by it, i.e. uniformly.
-UNIFORM_WEIGHT_KEY = "unit-weight"
-
-
-def clip_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: Flower's `fixedclipping_mod` when the server sent a clipping norm, a no-op otherwise."""
-    config = msg.content.config_records.get("config")
-    if config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
-
 
 def clients_per_round(config: RunConfig, num_clients: int) -> int:
     """How many clients Flower's FedAvg samples per training round (its own formula)."""

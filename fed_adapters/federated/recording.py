@@ -42,13 +42,16 @@ class RoundRecorder:
         self._current[f"{prefix}bytes_down"] = sum(a.count_bytes() for a in arrays)
         self._current[f"{prefix}tensor_bytes_down"] = sum(tensor_bytes(a) for a in arrays)
 
-    def received(self, server_round: int, replies: Sequence[Message], phase: str) -> None:
+    def received(self, server_round: int, replies: Sequence[Message], phase: str, rejected: int = 0) -> None:
+        """`replies`: those that passed validation (and error replies); `rejected` were refused by it."""
         ok = [r for r in replies if not r.has_error()]
         metrics = [r.content.metric_records["metrics"] for r in ok]
         examples = sum(m["num-examples"] for m in metrics)
 
         def weighted_mean(key: str) -> float:
-            return sum(m[key] * m["num-examples"] for m in metrics) / examples if examples else float("nan")
+            having = [m for m in metrics if key in m]
+            total = sum(m["num-examples"] for m in having)
+            return sum(m[key] * m["num-examples"] for m in having) / total if total else float("nan")
 
         if phase != "train":
             self._current["eval_clients_replied"] = len(ok)
@@ -65,13 +68,15 @@ class RoundRecorder:
             ]
         self._current.update(
             clients_replied=len(ok),
-            clients_failed=len(replies) - len(ok),
+            # raised, timed out or never answered; rejected updates are counted apart
+            clients_failed=self._current.get("clients_sampled", len(replies) + rejected) - len(ok) - rejected,
+            updates_rejected=rejected,
             bytes_up=sum(a.count_bytes() for a in arrays),
             tensor_bytes_up=sum(tensor_bytes(a) for a in arrays),
             train_examples=int(examples),
             train_loss=weighted_mean("train-loss"),
-            client_train_seconds_max=max((m["train-seconds"] for m in metrics), default=0.0),
-            client_train_seconds_sum=sum(m["train-seconds"] for m in metrics),
+            client_train_seconds_max=max((m.get("train-seconds", 0.0) for m in metrics), default=0.0),
+            client_train_seconds_sum=sum(m.get("train-seconds", 0.0) for m in metrics),
             client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
             client_setup_seconds_max=max((m.get("setup-seconds", 0.0) for m in metrics), default=0.0),
             client_process_age_seconds_min=min((m.get("process-age-seconds", 0.0) for m in metrics), default=0.0),
@@ -115,6 +120,8 @@ class RoundRecorder:
         parts.append(f"loss {record.get('loss', float('nan')):.4f}")
         if record["round"] > 0:
             parts.append(f"clients {record.get('clients_replied', 0)}/{record.get('clients_sampled', 0)}")
+            if record.get("updates_rejected") or record.get("skipped"):
+                parts.append(f"rejected {record.get('updates_rejected', 0)}" + (" SKIPPED" if record.get("skipped") else ""))
             parts.append(f"down {record.get('bytes_down', 0) / 1e6:.2f} MB up {record.get('bytes_up', 0) / 1e6:.2f} MB")
             if "dp_epsilon" in record:
                 parts.append(f"eps {record['dp_epsilon']:.2f}")

@@ -6,9 +6,9 @@ adapter by num_examples / max_weight, clips it to +-clipping_range, quantizes it
 that cancel only in the sum; the server sees masked integer vectors and the unmasked aggregate. The
 result is FedAvg's example-weighted mean up to quantization error.
 
-The ClientApp stays one app: `secure_when_asked` runs Flower's mod only for SecAgg+ messages, and the
-train handler answers the legacy fit format (`is_secure_fit` / `secure_fit_reply`) with the same local
-training as the plain path. Legacy messages carry tensors as an ordered list, so the server sends the
+The ClientApp stays one app: `mods.secure_when_asked` runs Flower's mod only for SecAgg+ messages, and the
+train handler answers the legacy fit format (`mods.is_secure_fit` / `mods.secure_fit_reply`) with the same
+local training as the plain path. Legacy messages carry tensors as an ordered list, so the server sends the
 tensor names with the fit config. Still visible to the server: each client's num_examples and metrics.
 """
 
@@ -18,56 +18,18 @@ import json
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common import recorddict_compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from .config import RunConfig
+from .mods import NAMES_KEY, named
 from .recording import RoundRecorder
 
-NAMES_KEY = "tensor-names"
-FIT_PARAMETERS = "fitins.parameters"
-FIT_CONFIG = "fitins.config"
-
-
-# --- client side ---------------------------------------------------------------------------------------
-
-def secure_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: Flower's `secaggplus_mod` for SecAgg+ protocol messages, a no-op for plain ones."""
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-def is_secure_fit(msg: Message) -> bool:
-    return FIT_PARAMETERS in msg.content.array_records
-
-
-def secure_fit_reply(msg: Message, train: Callable[[ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]) -> Message:
-    """Answers a legacy fit message (the SecAgg+ workflow's) with `train`, the plain path's local training."""
-    config = msg.content.config_records[FIT_CONFIG]
-    names = json.loads(str(config[NAMES_KEY]))
-    received = msg.content.array_records[FIT_PARAMETERS].to_numpy_ndarrays()
-    arrays, metrics = train(_named(names, received), config)
-    result = FitRes(
-        status=Status(code=Code.OK, message="ok"),
-        parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
-        num_examples=int(metrics["num-examples"]),
-        metrics=dict(metrics),
-    )
-    return Message(recorddict_compat.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
-
-
-def _named(names: list[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a, dtype=np.float32)) for name, a in zip(names, arrays, strict=True)})
 
 
 # --- server side ---------------------------------------------------------------------------------------
@@ -122,7 +84,7 @@ def run_secure_rounds(
         return {**dict(fit_config), NAMES_KEY: json.dumps(names), "server-round": server_round}
 
     def evaluate(server_round: int, ndarrays: list[np.ndarray], _: dict) -> tuple[float, dict]:
-        metrics = evaluate_global(server_round, _named(names, ndarrays))
+        metrics = evaluate_global(server_round, named(names, ndarrays))
         return float(metrics["loss"]), dict(metrics)
 
     strategy = LegacyFedAvg(
@@ -139,4 +101,4 @@ def run_secure_rounds(
     )
     # A round that loses too many clients is skipped by Flower (logged); its record shows clients_replied.
     DefaultWorkflow(fit_workflow=secure, evaluate_workflow=lambda *_: None)(_TrafficGrid(grid, recorder), legacy)
-    return _named(names, context.state.array_records["parameters"].to_numpy_ndarrays())
+    return named(names, context.state.array_records["parameters"].to_numpy_ndarrays())

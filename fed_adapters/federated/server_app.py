@@ -16,7 +16,7 @@ from ..adapters import save_adapter
 from ..data import make_loader
 from ..training import evaluate, seed_everything
 from . import client_report, results
-from .client_app import RUN_CONFIG_KEY
+from .mods import RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
 from .secure_aggregation import run_secure_rounds
@@ -66,11 +66,12 @@ def run_federation(
     if config.privacy.secure_aggregation:
         final_arrays = run_secure_rounds(grid, config, wire.pack(model), run_config, num_clients, recorder, evaluate_global)
     else:
+        initial = wire.pack(model)
         final_arrays = make_strategy(config, num_clients, recorder).start(
-            grid=grid, initial_arrays=wire.pack(model), num_rounds=config.strategy.num_rounds,
+            grid=grid, initial_arrays=initial, num_rounds=config.strategy.num_rounds,
             timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
             evaluate_fn=evaluate_global,
-        ).arrays
+        ).arrays or initial  # empty when every round was skipped
     wire.load(model, final_arrays)
     save_adapter(model, run_dir / "adapter")
     if config.partition.local_test_fraction > 0 and config.model.task == "classification":

@@ -20,7 +20,9 @@ from flwr.serverapp.strategy import (
 )
 
 from .config import RunConfig
-from .privacy import UNIFORM_WEIGHT_KEY, with_privacy
+from .mods import UNIFORM_WEIGHT_KEY
+from .privacy import with_privacy
+from .validation import LOG, screen
 from .recording import RoundRecorder
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
@@ -40,19 +42,29 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     """`base` with its message traffic reported to a RoundRecorder (bytes, tensor names, replies, failures)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, recorder: RoundRecorder, **kwargs) -> None:
+        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, **kwargs) -> None:
             super().__init__(**kwargs)
             self.recorder = recorder
+            self.max_update_norm = max_update_norm
+            self.global_arrays = ArrayRecord()
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+            self.global_arrays = arrays  # what every update is checked against
             messages = list(super().configure_train(server_round, arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="train")
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            self.recorder.received(server_round, replies, phase="train")
-            return super().aggregate_train(server_round, replies)
+            kept, rejected = screen(server_round, replies, self.global_arrays, self.max_update_norm)
+            self.recorder.received(server_round, kept, phase="train", rejected=len(rejected))
+            usable = sum(not r.has_error() for r in kept)
+            if usable < self.min_train_nodes:
+                LOG.warning("round %d skipped: %d usable update(s) of %d sampled, fewer than strategy.min_train_clients = %d; "
+                            "the global adapter stays as it was", server_round, usable, len(replies), self.min_train_nodes)
+                self.recorder.note(skipped=1)
+                return None, None
+            return super().aggregate_train(server_round, kept)
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
             messages = list(super().configure_evaluate(server_round, arrays, config, grid))
@@ -91,5 +103,5 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "fedtrimmedavg": dict(beta=s.trim_beta),
         "krum": dict(num_malicious_nodes=s.krum_malicious),
     }
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, **common, **specific.get(s.name, {}))
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)

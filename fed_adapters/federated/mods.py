@@ -1,0 +1,64 @@
+"""The client side of the protocol that runs in the ClientApp process itself: message keys and Flower mods.
+
+Kept free of torch and transformers: on a SuperNode the ClientApp process is started afresh for every
+message, and whatever it imports is paid every time (the heavy work runs in `node_worker.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+RUN_CONFIG_KEY = "run-config"  # the run's RunConfig as JSON, in every message's config
+UNIFORM_WEIGHT_KEY = "unit-weight"  # every training reply carries it (= 1); DP runs average by it, i.e. uniformly
+NAMES_KEY = "tensor-names"  # SecAgg+ messages carry tensors as a list: their names travel in the fit config
+FIT_PARAMETERS = "fitins.parameters"
+FIT_CONFIG = "fitins.config"
+
+
+def clip_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` (DP) when the server sent a clipping norm, a no-op otherwise."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secure_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for SecAgg+ protocol messages, a no-op for plain ones."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secure_fit(msg: Message) -> bool:
+    return FIT_PARAMETERS in msg.content.array_records
+
+
+def named(names: list[str], arrays) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a, dtype=np.float32)) for name, a in zip(names, arrays, strict=True)})
+
+
+def secure_fit_reply(msg: Message, train: Callable[[ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]) -> Message:
+    """Answers a legacy fit message (the SecAgg+ workflow's) with `train`, the plain path's local training."""
+    config = msg.content.config_records[FIT_CONFIG]
+    names = json.loads(str(config[NAMES_KEY]))
+    arrays, metrics = train(named(names, msg.content.array_records[FIT_PARAMETERS].to_numpy_ndarrays()), config)
+    result = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
+        num_examples=int(metrics["num-examples"]),
+        metrics=dict(metrics),
+    )
+    return Message(recorddict_compat.fitres_to_recorddict(result, keep_input=False), reply_to=msg)

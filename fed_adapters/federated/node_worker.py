@@ -1,0 +1,204 @@
+"""A SuperNode's long-running worker: the frozen base stays in memory across messages and rounds.
+
+Flower 1.41 starts a fresh ClientApp process for every message, and offers no way to keep one alive, so a
+base built in the ClientApp would be rebuilt (imports included) for every message. The ClientApp
+process instead hands each message's work to this worker (`multiprocessing.connection` on an abstract
+Linux socket, authenticated with a key in the node's state directory that only the node's user can read),
+starting it on first use. A worker serves one state directory and one version of the app (the socket's
+name hashes both, so a new run's code gets a new worker) and exits when its SuperNode is gone or after
+`worker-idle-seconds` (node config, default 900) without work. Its log is `worker-<tag>.log` in the state
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+
+START_TIMEOUT = 600.0  # seconds a new worker may take to import and listen
+SUPERNODE = "flower-supernode"
+APP_ROOT = Path(__file__).resolve().parents[2]  # the installed Flower App (or the repository)
+
+
+def wanted(node: dict) -> bool:
+    """A deployed node (no simulation partition) uses a worker unless its config says persistent-worker=false."""
+    return "partition-id" not in node and str(node.get("persistent-worker", "true")).lower() != "false"
+
+
+def node_state_dir(node: dict) -> str:
+    """Where a SuperNode keeps what never leaves it: `state-dir`, default `fed_adapters_state/` beside its data."""
+    if node.get("state-dir"):
+        return str(Path(str(node["state-dir"])).expanduser().resolve())
+    if "data-path" not in node:
+        raise ValueError("this SuperNode has no data: start it with --node-config \"data-path=/path/to/data.jsonl\"")
+    return str(Path(str(node["data-path"])).expanduser().resolve().parent / "fed_adapters_state")
+
+
+class WorkerFiles:
+    """The socket address, key, pid file, log and lock of a node's worker for this version of the app."""
+
+    def __init__(self, node: dict) -> None:
+        self.directory = Path(node_state_dir(node))
+        # One worker per node and app version; nodes may share a state directory (e.g. on one test machine).
+        identity = f"{APP_ROOT}:{self.directory}:{node.get('data-path')}:{node.get('client-id')}"
+        tag = hashlib.sha1(identity.encode()).hexdigest()[:16]
+        self.address = f"\0fed_adapters-{tag}"  # abstract socket: no file to go stale, no 108-byte path limit
+        self.pid = self.directory / f"worker-{tag}.pid"
+        self.log = self.directory / f"worker-{tag}.log"
+        self.key = self.directory / "worker.key"
+        self.lock = self.directory / "worker.lock"
+
+    def authkey(self) -> bytes:
+        """The node's shared secret; created readable by its owner only."""
+        if not self.key.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+        return self.key.read_bytes()
+
+
+def running_pids(state_dir: str | Path) -> list[int]:
+    """Pids of the workers whose pid files are in `state_dir` and that still run."""
+    pids = []
+    for path in Path(state_dir).glob("worker-*.pid"):
+        try:
+            pid = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(pid):
+            pids.append(pid)
+    return pids
+
+
+# --- the ClientApp's side --------------------------------------------------------------------------------
+
+def call(kind: str, arrays: dict, message_config: dict, node: dict, node_id: int):
+    """Runs `client_work.HANDLERS[kind]` in the node's worker (started if need be) and returns its result."""
+    files = WorkerFiles(node)
+    idle = float(node.get("worker-idle-seconds", 900))
+    with _locked(files):
+        connection = _connect(files) or _start(files, node, idle)
+    with connection:
+        connection.send((kind, arrays, message_config, node, node_id))
+        status, payload = connection.recv()
+    if status != "ok":
+        raise RuntimeError(f"the node's worker failed: {payload} (log: {files.log})")
+    return payload
+
+
+@contextmanager
+def _locked(files: WorkerFiles):
+    """One ClientApp process at a time decides whether to start a worker."""
+    files.directory.mkdir(parents=True, exist_ok=True)
+    with files.lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _connect(files: WorkerFiles) -> Connection | None:
+    try:
+        return Client(files.address, family="AF_UNIX", authkey=files.authkey())
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
+def _start(files: WorkerFiles, node: dict, idle_seconds: float) -> Connection:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "fed_adapters.federated.node_worker", json.dumps(node),
+               "--watch-pid", str(_supernode_pid()), "--idle-seconds", str(idle_seconds)]
+    with files.log.open("ab") as log:
+        worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while (connection := _connect(files)) is None:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the node's worker did not start (exit code {worker.poll()}); its log {files.log} ends "
+                               f"with:\n{files.log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+    return connection
+
+
+def _supernode_pid() -> int:
+    """The SuperNode this ClientApp process runs under (its parent when there is none, e.g. in tests)."""
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            if SUPERNODE in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return pid
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return os.getppid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --- the worker's side -----------------------------------------------------------------------------------
+
+def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
+    """Answers ClientApp requests until the watched SuperNode is gone or nothing came for `idle_seconds`."""
+    from .client_work import HANDLERS  # the heavy imports, once per worker
+
+    files = WorkerFiles(node)
+    listener = Listener(files.address, family="AF_UNIX", authkey=files.authkey())
+    files.pid.write_text(str(os.getpid()))
+    last_work, busy = [time.monotonic()], threading.Lock()
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            idle = not busy.locked() and time.monotonic() - last_work[0] > idle_seconds
+            if not _alive(watch_pid) or idle:
+                print(f"worker {os.getpid()} exits: {'idle' if idle else f'SuperNode {watch_pid} is gone'}", flush=True)
+                files.pid.unlink(missing_ok=True)
+                os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    print(f"worker {os.getpid()} serving {files.directory} for SuperNode {watch_pid}", flush=True)
+    while True:
+        try:
+            connection = listener.accept()
+        except Exception as error:  # a client with the wrong key, or one that hung up: not the worker's end
+            print(f"refused a connection: {type(error).__name__}: {error}", flush=True)
+            continue
+        with busy, connection:
+            kind, arrays, message_config, node, node_id = connection.recv()
+            try:
+                connection.send(("ok", HANDLERS[kind](arrays, message_config, node, node_id)))
+            except Exception as error:  # the ClientApp reports it to the server as this client's failure
+                traceback.print_exc()
+                connection.send(("error", f"{type(error).__name__}: {error}"))
+            last_work[0] = time.monotonic()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="fed_adapters node worker (started by the ClientApp)")
+    parser.add_argument("node_config", help="the SuperNode's node config, JSON")
+    parser.add_argument("--watch-pid", type=int, required=True)
+    parser.add_argument("--idle-seconds", type=float, default=900.0)
+    args = parser.parse_args(argv)
+    serve(json.loads(args.node_config), args.watch_pid, args.idle_seconds)
+
+
+if __name__ == "__main__":
+    main()
