@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import torch
@@ -59,11 +60,18 @@ def app_at(ref: str, directory: Path) -> Path:
     return directory
 
 
+def declared_only(config: dict, app_dir: Path) -> dict:
+    """The run config restricted to the keys that version of the app declares (Flower refuses others)."""
+    declared = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {key: ({k: v for k, v in value.items() if k in declared[key]} if isinstance(value, dict) else value)
+            for key, value in config.items() if key in declared}
+
+
 def measure(config: RunConfig, app_dir: Path, work_dir: Path, port: int) -> dict:
     silos = write_silo_data(config, SILOS, work_dir / "silo-data")
     deployed = deployment_config(config, SILOS, work_dir)
     run_config = work_dir / "run_config.toml"
-    run_config.write_text(to_toml(deployed.to_dict()))
+    run_config.write_text(to_toml(declared_only(deployed.to_dict(), app_dir)))
     with LoopbackFederation(work_dir, silos, port=port) as federation:
         federation.run(app_dir, run_config)
     rounds = json.loads((deployed.run_dir / "metrics.json").read_text())["rounds"][1:]

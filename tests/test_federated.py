@@ -111,7 +111,7 @@ def test_flower_app_config_declares_every_run_config_key() -> None:
 
 
 @pytest.mark.parametrize("name", ["quickstart", "sst2_iid", "sst2_dirichlet", "mrpc", "agnews", "amazon_domains", "causal_lm",
-                                  "bench_throughput", "bench_deploy", "personalization_amazon", "personalization_sst2_dirichlet"])
+                                  "bench_throughput", "bench_deploy", "bench_robust", "personalization_amazon", "personalization_sst2_dirichlet"])
 def test_shipped_configs_are_valid(name: str) -> None:
     config = load_run_config(REPO / "configs" / f"{name}.toml")
     assert config.run_name == name
