@@ -1,6 +1,7 @@
 """`fed-adapters`: the command line.
 
     fed-adapters simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs] [--debug]
+    fed-adapters simulate --resume RUN_DIR
     fed-adapters export RUN_DIR --client ID OUT_DIR
     fed-adapters predict ADAPTER_DIR --input FILE.jsonl --output OUT.jsonl [--model NAME_OR_DIR]
     fed-adapters deploy certs DIR --nodes NAME ... [--hosts HOST ...]
@@ -25,8 +26,16 @@ USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, Mo
 
 def _simulate(args: argparse.Namespace) -> int:
     from .federated.config import load_run_config
-    from .federated.simulation import simulate
+    from .federated.simulation import load_resumable, simulate
 
+    if args.resume:
+        if args.config or args.overrides or args.overwrite:
+            raise ConfigError("--resume RUN_DIR continues a run with the config it was started with; "
+                              "give no CONFIG, --set or --overwrite with it")
+        simulate(load_resumable(args.resume), flower_logs=args.flower_logs, resume=True)
+        return 0
+    if not args.config:
+        raise ConfigError("give a CONFIG.toml to run, or --resume RUN_DIR to continue an interrupted run")
     config = load_run_config(args.config, args.overrides)
     simulate(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
     return 0
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a federated simulation on Ray from a TOML config")
-    sim.add_argument("config", help="TOML run config, e.g. configs/quickstart.toml")
+    sim.add_argument("config", nargs="?", help="TOML run config, e.g. configs/quickstart.toml")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last complete checkpoint")
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set strategy.num_rounds=5 (repeatable)")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in the run directory")

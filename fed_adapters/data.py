@@ -82,6 +82,15 @@ def check_columns(dataset: datasets.Dataset, columns: TextColumns, need_label: b
         raise DataError(f"column(s) {missing} not in the data set; it has {dataset.column_names}. Set the column names to match")
 
 
+def check_labels(dataset: datasets.Dataset, label: str, num_labels: int) -> None:
+    bad = sorted({x for x in dataset[label] if not isinstance(x, int) or not 0 <= x < num_labels}, key=str)
+    if bad:
+        raise DataError(
+            f"labels {bad[:5]} in column {label!r} are outside [0, {num_labels}); "
+            "set num_labels to the number of classes or map the labels to 0..num_labels-1"
+        )
+
+
 def tokenize_dataset(
     dataset: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -94,13 +103,7 @@ def tokenize_dataset(
     classification = task == "classification"
     check_columns(dataset, columns, need_label=classification)
     if classification and num_labels is not None:
-        labels = dataset[columns.label]
-        bad = sorted({label for label in labels if not isinstance(label, int) or not 0 <= label < num_labels})
-        if bad:
-            raise DataError(
-                f"labels {bad[:5]} in column {columns.label!r} are outside [0, {num_labels}); "
-                "set num_labels to the number of classes or map the labels to 0..num_labels-1"
-            )
+        check_labels(dataset, columns.label, num_labels)
 
     def encode(batch: dict) -> dict:
         pair = batch[columns.text_pair] if columns.text_pair else None

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import transformers as tf
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from ray import cloudpickle
 from safetensors.numpy import load_file
 
 from conftest import tiny_config
+from fed_adapters.adapters import AdapterConfig, add_adapter, save_adapter
+from fed_adapters.cli import main as cli
+from fed_adapters.deploy.processes import descendants
+from fed_adapters.federated.checkpoints import latest
+from fed_adapters.modeling import load_model, load_tokenizer
 from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
 from fed_adapters.federated.simulation import simulate
 from fed_adapters.federated.validation import update_problem
@@ -93,3 +106,106 @@ def test_update_problems_are_named(message_identity) -> None:
     assert "w is float64[4], expected float32[4]" in update_problem(_reply({"w": np.zeros(4)}), sent)
     assert "missing ['w'], unexpected ['v']" in update_problem(_reply({"v": np.zeros(4, np.float32)}), sent)
     assert "num-examples is 0" in update_problem(_reply({"w": np.zeros(4, np.float32)}, examples=0), sent)
+
+
+def _write_rows(directory, rows) -> None:
+    directory.mkdir()
+    for split in ("train", "validation"):
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory):
+    """A model type without an adapter mapping (OPT)."""
+    directory = tmp_path_factory.mktemp("tiny-opt")
+    tokenizer = load_tokenizer()
+    tf.OPTModel(tf.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points"])
+def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_base, keyword_data, tiny_opt, capsys) -> None:
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1}).to_toml())
+    run_dir = tmp_path / "results" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text("earlier results")
+    (run_dir / "config.toml").write_text("earlier config")
+    overrides, expected = {
+        "column": (["data.text=sentence"], "column(s) ['sentence'] not in the data set; it has ['text', 'label', 'client_id']"),
+        "labels": (["model.num_labels=2"], "labels [5] in column 'label' are outside [0, 2); set num_labels"),
+        "empty_shards": (["partition.num_clients=1000"], "partition.num_clients = 1000 is more clients than the 400 training examples"),
+        "no_adapter_points": ([f"model.name={tiny_opt}"], "no adapter mapping for model_type 'opt'"),
+    }[case]
+    if case == "labels":
+        bad = tmp_path / "bad-labels"
+        _write_rows(bad, [{"text": "a b c", "label": i % 2} for i in range(20)] + [{"text": "d e", "label": 5}])
+        overrides.append(f"data.source={bad}")
+    argv = ["simulate", str(config_path), "--overwrite"] + [a for o in overrides for a in ("--set", o)]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fed-adapters: error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
+    # --overwrite allowed replacing them, yet a run that never started left them as they were.
+    assert (run_dir / "metrics.json").read_text() == "earlier results"
+    assert (run_dir / "config.toml").read_text() == "earlier config"
+    with pytest.raises(Exception, match=re.escape(expected[:30])):  # --debug: the full traceback instead
+        cli(["--debug"] + argv)
+
+
+def test_corrupted_adapter_file_is_one_line(tmp_path, tiny_base, capsys) -> None:
+    adapter = tmp_path / "adapter"
+    model = load_model(str(tiny_base), num_labels=2)
+    add_adapter(model, AdapterConfig.preset("houlsby", bottleneck_size=4))
+    save_adapter(model, adapter)
+    (adapter / "adapter.safetensors").write_bytes(b"\x00garbage" * 10)
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a b"}\n')
+    assert cli(["predict", str(adapter), "--input", str(data), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fed-adapters: error: ")]
+    assert len(errors) == 1 and "adapter.safetensors cannot be read" in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base, keyword_data) -> None:
+    sections = dict(strategy={"num_rounds": 4, "name": "fedadam", "fraction_train": 0.5, "min_train_clients": 2},
+                    partition={"num_clients": 4})
+    reference = tiny_config(tmp_path, tiny_base, keyword_data, run_name="uninterrupted", **sections)
+    simulate(reference, verbose=False)
+
+    crashing = tiny_config(tmp_path, tiny_base, keyword_data, run_name="crashed", **sections)
+    config_path = tmp_path / "crashed.toml"
+    config_path.write_text(crashing.to_toml())
+    run_dir = crashing.run_dir
+    with (tmp_path / "crashed.log").open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "fed_adapters.cli", "simulate", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-002" / "server_state.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "crashed.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        victims = descendants(process.pid)  # the simulation and its Ray processes, all killed at once
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "metrics.json").exists()
+    # A checkpoint caught half-written is never taken for a complete one.
+    (run_dir / "checkpoints" / ".round-009.partial").mkdir()
+    assert latest(run_dir).round in (2, 3)
+
+    assert cli(["simulate", "--resume", str(run_dir)]) == 0
+    ours = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    theirs = json.loads((reference.run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [0, 1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    final, expected = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (run_dir, reference.run_dir))
+    for key in expected:
+        np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
+    assert cli(["simulate", "--resume", str(run_dir)]) == 2  # finished: nothing to resume

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from . import node_worker
-from .mods import clip_when_asked, is_secure_fit, secure_fit_reply, secure_when_asked
+from .mods import CLIENT_ID_KEY, client_id, clip_when_asked, is_secure_fit, secure_fit_reply, secure_when_asked
 
 app = ClientApp()
 
@@ -50,3 +50,10 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     """The global model's and the client's personal model's metrics on its local test split."""
     metrics = run_work("evaluate", msg.content["arrays"], msg.content["config"], context)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this node serves: lets the server sample the same clients in every run (see strategies.py)."""
+    return Message(content=RecordDict({"metrics": MetricRecord({CLIENT_ID_KEY: client_id(dict(context.node_config),
+                                                                                     context.node_id)})}), reply_to=msg)

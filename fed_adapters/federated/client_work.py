@@ -23,7 +23,7 @@ from ..configuration import from_mapping
 from ..data import make_loader
 from ..training import TrainStats, evaluate, seed_everything, train
 from .config import RunConfig
-from .mods import RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY
+from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
 from .node_worker import node_state_dir
 from .personalization import Fit, evaluate_client, train_client
 from .task import ClientSite, client_data, model_and_tokenizer
@@ -46,7 +46,7 @@ def client_site(node: dict, node_id: int) -> ClientSite:
     if "data-path" not in node:
         raise ValueError("this SuperNode has no data: start it with --node-config \"data-path=/path/to/data.jsonl\"")
     data_path = str(Path(str(node["data-path"])).expanduser().resolve())
-    return ClientSite(int(node.get("client-id", node_id % 2**31)), data_path, node_state_dir(node))
+    return ClientSite(client_id(node, node_id), data_path, node_state_dir(node))
 
 
 def train_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int) -> tuple[Arrays, dict]:
@@ -72,8 +72,9 @@ def _process_age() -> float:
 
 
 def _round_and_mu(message_config: ConfigRecord | dict) -> tuple[int, float]:
-    """The server round and FedProx's mu (0 for other strategies) of a message."""
-    return int(message_config["server-round"]), float(message_config.get("proximal-mu", 0.0))
+    """The run's round (a resumed run's messages count from 1 again) and FedProx's mu (0 if not FedProx)."""
+    server_round = int(message_config["server-round"]) + int(message_config.get(ROUND_OFFSET_KEY, 0))
+    return server_round, float(message_config.get("proximal-mu", 0.0))
 
 
 def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig, site: ClientSite, server_round: int,

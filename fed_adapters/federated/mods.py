@@ -21,10 +21,17 @@ from flwr.compat.common import recorddict_compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 RUN_CONFIG_KEY = "run-config"  # the run's RunConfig as JSON, in every message's config
+ROUND_OFFSET_KEY = "round-offset"  # rounds done before a resume: message round + offset = the run's round
 UNIFORM_WEIGHT_KEY = "unit-weight"  # every training reply carries it (= 1); DP runs average by it, i.e. uniformly
+CLIENT_ID_KEY = "client-id"
 NAMES_KEY = "tensor-names"  # SecAgg+ messages carry tensors as a list: their names travel in the fit config
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
+
+
+def client_id(node: dict, node_id: int) -> int:
+    """The client a node serves: its partition (simulation), its `client-id` node config, or its node id."""
+    return int(node.get("partition-id", node.get("client-id", node_id % 2**31)))
 
 
 def clip_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

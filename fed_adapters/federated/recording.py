@@ -21,8 +21,9 @@ def tensor_bytes(arrays: ArrayRecord) -> int:
 class RoundRecorder:
     """Collects, per round: traffic both ways, replies and failures, client time, global metrics."""
 
-    def __init__(self, num_rounds: int, verbose: bool = True, keep_updates: bool = False) -> None:
+    def __init__(self, num_rounds: int, verbose: bool = True, keep_updates: bool = False, offset: int = 0) -> None:
         self.num_rounds = num_rounds
+        self.offset = offset  # rounds completed before a resume: Flower counts the rest from 1 again
         self.verbose = verbose
         self.records: list[dict] = []
         self.wire_keys: dict[str, set[str]] = {"down": set(), "up": set()}
@@ -63,7 +64,7 @@ class RoundRecorder:
         for record in arrays:
             self.wire_keys["up"].update(record.keys())
         if self.updates is not None:
-            self.updates[server_round] = [
+            self.updates[server_round + self.offset] = [
                 (int(m["num-examples"]), {k: v.numpy() for k, v in a.items()}) for m, a in zip(metrics, arrays)
             ]
         self._current.update(
@@ -105,7 +106,7 @@ class RoundRecorder:
         else:
             record = dict(self._current)
             started = record.pop("started", time.perf_counter())
-            record.update(round=server_round, **keep, seconds=time.perf_counter() - started, server_eval_seconds=seconds)
+            record.update(round=server_round + self.offset, **keep, seconds=time.perf_counter() - started, server_eval_seconds=seconds)
             self.records.append(record)
             self._current = {}
         if self.verbose:

@@ -28,8 +28,8 @@ ROUND_FIELDS = (
 )
 
 
-def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
-    """Creates the run directory and writes the resolved config; refuses to overwrite earlier results."""
+def check_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
+    """The run directory, unless it holds earlier results that `overwrite` does not allow to replace."""
     run_dir = config.run_dir
     existing = [name for name in RESULT_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
@@ -37,6 +37,12 @@ def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
             f"{run_dir} already holds results ({', '.join(existing)}); choose another run name "
             "(--set run_name=...) or pass --overwrite"
         )
+    return run_dir
+
+
+def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
+    """Creates the run directory and writes the resolved config; refuses to overwrite earlier results."""
+    run_dir = check_run_dir(config, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
     return run_dir

@@ -74,9 +74,9 @@ def _payload_bytes(message: Message) -> int:
 
 def run_secure_rounds(
     grid: Grid, config: RunConfig, initial: ArrayRecord, fit_config: ConfigRecord, num_clients: int,
-    recorder: RoundRecorder, evaluate_global: Callable[[int, ArrayRecord], MetricRecord],
+    recorder: RoundRecorder, evaluate_global: Callable[[int, ArrayRecord], MetricRecord], done: int = 0,
 ) -> ArrayRecord:
-    """`config.strategy.num_rounds` rounds of FedAvg through SecAgg+; returns the final shared arrays."""
+    """The rounds after `done` of FedAvg through SecAgg+; returns the final shared arrays."""
     s, p = config.strategy, config.privacy
     names = list(initial.keys())
 
@@ -93,7 +93,7 @@ def run_secure_rounds(
         initial_parameters=ndarrays_to_parameters([a.numpy() for a in initial.values()]),
     )
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.num_rounds, round_timeout=s.round_timeout),
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.num_rounds - done, round_timeout=s.round_timeout),
                            strategy=strategy)
     secure = SecAggPlusWorkflow(
         num_shares=p.secagg_shares or 1.0, reconstruction_threshold=p.secagg_threshold, max_weight=p.secagg_max_weight,

@@ -15,8 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from ..adapters import save_adapter
 from ..data import make_loader
 from ..training import evaluate, seed_everything
-from . import client_report, results
-from .mods import RUN_CONFIG_KEY
+from . import checkpoints, client_report, results
+from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
 from .secure_aggregation import run_secure_rounds
@@ -35,47 +35,62 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(
     grid: Grid, config: RunConfig, verbose: bool = True, overwrite: bool = False, keep_updates: bool = False,
-    wire: WireFormat | None = None,
+    wire: WireFormat | None = None, resume: bool = False,
 ) -> RoundRecorder:
     """Runs `config.strategy.num_rounds` rounds and writes the run directory; returns what was recorded.
 
     `wire` (default: the run's shared tensors) must match the ClientApp's; only benchmarks change it.
+    `resume` continues after the run directory's last complete checkpoint.
     """
     wire = wire or SharedWire(config)
     seed_everything(config.seed)
-    run_dir = results.prepare_run_dir(config, overwrite)
+    run_dir = results.prepare_run_dir(config, overwrite or resume)
     num_clients = _partition_report(config, run_dir, verbose)
 
     # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.
     model = build_adapted_model(config)
     test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer(config.model.name),
                               config.train.eval_batch_size, task=config.model.task)
-    recorder = RoundRecorder(config.strategy.num_rounds, verbose=verbose, keep_updates=keep_updates)
+    checkpoint = checkpoints.latest(run_dir) if resume else None
+    done = checkpoint.round if checkpoint else 0
+    recorder = RoundRecorder(config.strategy.num_rounds, verbose=verbose, keep_updates=keep_updates, offset=done)
+    # In simulation the server's machine holds the clients' private states: they are checkpointed too.
+    private_dir = config.private_state_dir if config.partition.method != "nodes" and config.personalization.mode != "none" else None
+    strategy = None if config.privacy.secure_aggregation else make_strategy(config, num_clients, recorder)
+    if checkpoint:
+        wire.load(model, checkpoint.arrays)
+        recorder.records = checkpoint.records
+        checkpoints.restore(checkpoint, strategy, private_dir)
+        if verbose:
+            print(f"resuming {run_dir} after round {done} of {config.strategy.num_rounds}", flush=True)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
         wire.load(model, arrays)
         metrics = evaluate(model, test_loader, device=config.train.device, amp=config.train.amp)
+        if not (checkpoint and server_round == 0):  # a resumed run's start was recorded before the interruption
+            recorder.evaluated(server_round, metrics, seconds=time.perf_counter() - started)
         if server_round > 0:
-            save_adapter(model, run_dir / "checkpoints" / f"round-{server_round:03d}")
-        recorder.evaluated(server_round, metrics, seconds=time.perf_counter() - started)
+            checkpoints.write(run_dir, done + server_round, model, arrays, recorder.records, strategy, private_dir)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict())})
+    # Flower's strategies tell clients the run's round (strategies.py); the SecAgg+ workflow counts from 1.
+    offset = done if config.privacy.secure_aggregation else 0
+    run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict()), ROUND_OFFSET_KEY: offset})
     started = time.perf_counter()
+    initial = wire.pack(model)
     if config.privacy.secure_aggregation:
-        final_arrays = run_secure_rounds(grid, config, wire.pack(model), run_config, num_clients, recorder, evaluate_global)
+        final_arrays = run_secure_rounds(grid, config, initial, run_config, num_clients, recorder, evaluate_global, done)
     else:
-        initial = wire.pack(model)
-        final_arrays = make_strategy(config, num_clients, recorder).start(
-            grid=grid, initial_arrays=initial, num_rounds=config.strategy.num_rounds,
+        final_arrays = strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=config.strategy.num_rounds - done,
             timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
             evaluate_fn=evaluate_global,
         ).arrays or initial  # empty when every round was skipped
     wire.load(model, final_arrays)
     save_adapter(model, run_dir / "adapter")
     if config.partition.local_test_fraction > 0 and config.model.task == "classification":
-        final = ConfigRecord({**dict(run_config), "server-round": config.strategy.num_rounds})
+        final = ConfigRecord({**dict(run_config), "server-round": config.strategy.num_rounds, ROUND_OFFSET_KEY: 0})
         recorder.clients = client_report.evaluate_every_client(grid, final_arrays, final, config.strategy.round_timeout)
         client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
     summary = client_report.summarize(recorder.clients) if recorder.clients else None

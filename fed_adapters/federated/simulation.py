@@ -8,8 +8,10 @@ spread over all of them; `simulation.ray_num_gpus` caps how many Ray may use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -17,12 +19,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from .client_app import app as adapter_client_app
-from .config import RunConfig
+from ..configuration import ConfigError
+from . import checkpoints
+from .config import RunConfig, load_run_config
 from .recording import RoundRecorder
-from .results import prepare_run_dir
+from .results import check_run_dir
 from .server_app import run_federation
 from .personalization import WireFormat
-from .task import shards
+from ..data import check_columns, check_labels
+from .task import model_and_tokenizer, shards, test_data, training_data
 
 
 def backend_config(config: RunConfig) -> dict:
@@ -35,25 +40,63 @@ def backend_config(config: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, "init_args": init_args}
 
 
+def preflight(config: RunConfig) -> int:
+    """Checks data, partitioning and model in this process, so that bad input fails with its own error
+    before Ray starts (inside the apps it would only end the run); returns the number of clients."""
+    columns, model = config.data.columns, config.model
+    classification = model.task == "classification"
+    client_shards = shards(config)
+    for dataset in (training_data(config), test_data(config)):
+        check_columns(dataset, columns, need_label=classification)
+        if classification:
+            check_labels(dataset, columns.label, model.num_labels)
+    model_and_tokenizer(config)  # an unknown model, or one without adapter points, fails here; cached for later
+    return len(client_shards)
+
+
+def check_resumable(config: RunConfig) -> None:
+    run_dir = config.run_dir
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(f"{run_dir} finished all its rounds (metrics.json is there); nothing to resume")
+    checkpoint = checkpoints.latest(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from; start the run again without --resume")
+    if checkpoint.round >= config.strategy.num_rounds:
+        raise ConfigError(f"{run_dir}: checkpoint round {checkpoint.round} is the last; nothing to resume")
+
+
+def load_resumable(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was started with, pointing at that directory wherever it now lies."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml); give the directory a run wrote")
+    config = load_run_config(run_dir / "config.toml")
+    return dataclasses.replace(config, results_dir=str(run_dir.parent), run_name=run_dir.name)
+
+
 def simulate(
     config: RunConfig, overwrite: bool = False, verbose: bool = True, keep_updates: bool = False, flower_logs: bool = False,
-    client_app: ClientApp = adapter_client_app, wire: WireFormat | None = None,
+    client_app: ClientApp = adapter_client_app, wire: WireFormat | None = None, resume: bool = False,
 ) -> RoundRecorder:
     """Runs the federation described by `config`; returns its records (also written to the run directory).
 
     Flower's own INFO logs repeat what the per-round lines say; they are shown only with `flower_logs`.
-    Benchmarks swap `client_app` and `wire` together to run a baseline federation.
+    Benchmarks swap `client_app` and `wire` together to run a baseline federation. `resume` continues
+    an interrupted run after its last complete checkpoint.
     """
     logging.getLogger("flwr").setLevel(logging.INFO if flower_logs else logging.WARNING)
-    prepare_run_dir(config, overwrite)  # fail before Ray starts if earlier results are in the way
-    num_clients = len(shards(config))
+    if resume:
+        check_resumable(config)
+    else:
+        check_run_dir(config, overwrite)  # before anything else: earlier results in the way
+    num_clients = preflight(config)  # bad input fails here, before the run directory is touched and Ray starts
     outcome: list[RoundRecorder] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         outcome.append(run_federation(grid, config, verbose=verbose, overwrite=True, keep_updates=keep_updates,
-                                      wire=wire))
+                                      wire=wire, resume=resume))
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_config=backend_config(config))

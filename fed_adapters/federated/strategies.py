@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -18,9 +21,10 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from .config import RunConfig
-from .mods import UNIFORM_WEIGHT_KEY
+from .mods import CLIENT_ID_KEY, UNIFORM_WEIGHT_KEY
 from .privacy import with_privacy
 from .validation import LOG, screen
 from .recording import RoundRecorder
@@ -42,42 +46,95 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     """`base` with its message traffic reported to a RoundRecorder (bytes, tensor names, replies, failures)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, **kwargs) -> None:
+        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, **kwargs) -> None:
             super().__init__(**kwargs)
             self.recorder = recorder
             self.max_update_norm = max_update_norm
+            self.seed = seed
             self.global_arrays = ArrayRecord()
+            self.client_of: dict[int, int] = {}
+
+        def sampling(self, grid: Grid, run_round: int, fraction: float, phase: int) -> Grid:
+            """With partial participation, the grid Flower samples from: nodes in client order, the draw seeded
+            by (run seed, round). Flower gives nodes random ids in every run, so without this the same seed
+            would pick other clients each time (and a resumed run would differ from an uninterrupted one)."""
+            if fraction >= 1.0:
+                return grid
+            if not self.client_of:
+                self.client_of = identify_clients(grid, self.min_available_nodes)
+            random.seed(self.seed * 1_000_003 + 2 * run_round + phase)
+            return ClientOrderedGrid(grid, self.client_of)
+
+        def run_round(self, server_round: int) -> int:
+            """Flower counts a resumed run's rounds from 1 again; strategies (FedAdam's bias correction) and
+            clients (seeds) must see the run's round."""
+            return server_round + self.recorder.offset
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
             self.global_arrays = arrays  # what every update is checked against
-            messages = list(super().configure_train(server_round, arrays, config, grid))
+            grid = self.sampling(grid, self.run_round(server_round), self.fraction_train, phase=0)
+            messages = list(super().configure_train(self.run_round(server_round), arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="train")
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            kept, rejected = screen(server_round, replies, self.global_arrays, self.max_update_norm)
+            kept, rejected = screen(self.run_round(server_round), replies, self.global_arrays, self.max_update_norm)
             self.recorder.received(server_round, kept, phase="train", rejected=len(rejected))
             usable = sum(not r.has_error() for r in kept)
             if usable < self.min_train_nodes:
                 LOG.warning("round %d skipped: %d usable update(s) of %d sampled, fewer than strategy.min_train_clients = %d; "
-                            "the global adapter stays as it was", server_round, usable, len(replies), self.min_train_nodes)
+                            "the global adapter stays as it was", self.run_round(server_round), usable, len(replies),
+                            self.min_train_nodes)
                 self.recorder.note(skipped=1)
                 return None, None
-            return super().aggregate_train(server_round, kept)
+            arrays, metrics = super().aggregate_train(self.run_round(server_round), kept)
+            return _like(arrays, self.global_arrays), metrics
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+            grid = self.sampling(grid, self.run_round(server_round), self.fraction_evaluate, phase=1)
+            messages = list(super().configure_evaluate(self.run_round(server_round), arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="evaluate")
             return messages
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
             self.recorder.received(server_round, replies, phase="evaluate")
-            return super().aggregate_evaluate(server_round, replies)
+            return super().aggregate_evaluate(self.run_round(server_round), replies)
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
     return Recording
+
+
+def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """`arrays` in the dtypes of `reference`: server optimizers (FedAdam & co.) compute in float64, and the
+    adapter must not change dtype (or double its bytes) on the wire."""
+    if arrays is None:
+        return None
+    return ArrayRecord({name: Array(np.asarray(value.numpy(), dtype=reference[name].dtype) if name in reference else value.numpy())
+                        for name, value in arrays.items()})
+
+
+class ClientOrderedGrid:
+    """A Grid whose node ids come in the order of the clients they serve."""
+
+    def __init__(self, grid: Grid, client_of: dict[int, int]) -> None:
+        self._grid = grid
+        self._client_of = client_of
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda node: (self._client_of.get(node, 2**62), node))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+    """node id -> client id, asked of every node once `expected` nodes are connected."""
+    nodes, _ = sample_nodes(grid, expected, expected)
+    questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    replies = grid.send_and_receive(questions, timeout=timeout)
+    return {r.metadata.src_node_id: int(r.content["metrics"][CLIENT_ID_KEY]) for r in replies if not r.has_error()}
 
 
 def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) -> Strategy:
@@ -103,5 +160,5 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "fedtrimmedavg": dict(beta=s.trim_beta),
         "krum": dict(num_malicious_nodes=s.krum_malicious),
     }
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, **common, **specific.get(s.name, {}))
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
