@@ -71,6 +71,30 @@ def test_bad_updates_are_rejected_and_the_round_aggregates_the_rest(tmp_path, ti
     assert recorder.records[-1]["accuracy"] > recorder.records[0]["accuracy"]
 
 
+hanging_app = ClientApp()
+
+
+@hanging_app.train()
+def hanging_train(msg: Message, context: Context) -> Message:
+    """Client 0 hangs (as a stuck node would) far beyond the round's timeout; the others are the real ClientApp."""
+    if int(context.node_config["partition-id"]) == 0:
+        time.sleep(35)  # the fault itself, not synchronisation: the server must not wait for it
+    return train_adapter(msg, context)
+
+
+def test_a_client_that_times_out_costs_only_its_update(tmp_path, tiny_base, keyword_data) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1, "round_timeout": 20.0},
+                         partition={"local_test_fraction": 0.0})
+    recorder = simulate(config, keep_updates=True, verbose=False, client_app=hanging_app)
+    record = recorder.records[1]
+    assert (record["clients_sampled"], record["clients_replied"], record["clients_failed"]) == (4, 3, 1)
+    sound = recorder.updates[1]
+    total = sum(n for n, _ in sound)
+    final = load_file(str(config.run_dir / "adapter" / "adapter.safetensors"))
+    for key in final:
+        np.testing.assert_allclose(final[key], sum(n * a[key].astype(np.float64) for n, a in sound) / total, atol=1e-6)
+
+
 def test_a_round_below_the_minimum_is_skipped_not_fatal(tmp_path, tiny_base, keyword_data) -> None:
     config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"num_clients": 5},
                          strategy={"num_rounds": 2, "min_train_clients": 3})

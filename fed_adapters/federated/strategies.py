@@ -58,7 +58,7 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             """With partial participation, the grid Flower samples from: nodes in client order, the draw seeded
             by (run seed, round). Flower gives nodes random ids in every run, so without this the same seed
             would pick other clients each time (and a resumed run would differ from an uninterrupted one)."""
-            if fraction >= 1.0:
+            if not 0.0 < fraction < 1.0:  # everyone, or nobody (evaluation off): nothing to draw
                 return grid
             if not self.client_of:
                 self.client_of = identify_clients(grid, self.min_available_nodes)
