@@ -11,6 +11,7 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from ..adapters import save_adapter
 from ..data import make_loader
@@ -35,12 +36,13 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(
     grid: Grid, config: RunConfig, verbose: bool = True, overwrite: bool = False, keep_updates: bool = False,
-    wire: WireFormat | None = None, resume: bool = False,
+    wire: WireFormat | None = None, resume: bool = False, model: nn.Module | None = None,
 ) -> RoundRecorder:
     """Runs `config.strategy.num_rounds` rounds and writes the run directory; returns what was recorded.
 
     `wire` (default: the run's shared tensors) must match the ClientApp's; only benchmarks change it.
-    `resume` continues after the run directory's last complete checkpoint.
+    `resume` continues after the run directory's last complete checkpoint. `model`: the run's freshly
+    built model when the caller has one (`simulate` builds it to check the config).
     """
     wire = wire or SharedWire(config)
     seed_everything(config.seed)
@@ -48,7 +50,7 @@ def run_federation(
     num_clients = _partition_report(config, run_dir, verbose)
 
     # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.
-    model = build_adapted_model(config)
+    model = model or build_adapted_model(config)
     test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer(config.model.name),
                               config.train.eval_batch_size, task=config.model.task)
     checkpoint = checkpoints.latest(run_dir) if resume else None

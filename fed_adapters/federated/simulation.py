@@ -17,17 +17,18 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
+from torch import nn
 
-from .client_app import app as adapter_client_app
 from ..configuration import ConfigError
+from ..data import check_columns, check_labels
 from . import checkpoints
+from .client_app import app as adapter_client_app
 from .config import RunConfig, load_run_config
+from .personalization import WireFormat
 from .recording import RoundRecorder
 from .results import check_run_dir
 from .server_app import run_federation
-from .personalization import WireFormat
-from ..data import check_columns, check_labels
-from .task import model_and_tokenizer, shards, test_data, training_data
+from .task import build_adapted_model, shards, test_data, training_data
 
 
 def backend_config(config: RunConfig) -> dict:
@@ -40,9 +41,10 @@ def backend_config(config: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, "init_args": init_args}
 
 
-def preflight(config: RunConfig) -> int:
+def preflight(config: RunConfig) -> tuple[int, nn.Module]:
     """Checks data, partitioning and model in this process, so that bad input fails with its own error
-    before Ray starts (inside the apps it would only end the run); returns the number of clients."""
+    before Ray starts (inside the apps it would only end the run); returns the number of clients and the
+    server's model (built here once, handed to the ServerApp)."""
     columns, model = config.data.columns, config.model
     classification = model.task == "classification"
     client_shards = shards(config)
@@ -50,8 +52,8 @@ def preflight(config: RunConfig) -> int:
         check_columns(dataset, columns, need_label=classification)
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
-    model_and_tokenizer(config)  # an unknown model, or one without adapter points, fails here; cached for later
-    return len(client_shards)
+    model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
+    return len(client_shards), model
 
 
 def check_resumable(config: RunConfig) -> None:
@@ -89,14 +91,14 @@ def simulate(
         check_resumable(config)
     else:
         check_run_dir(config, overwrite)  # before anything else: earlier results in the way
-    num_clients = preflight(config)  # bad input fails here, before the run directory is touched and Ray starts
+    num_clients, model = preflight(config)  # bad input fails here, before the run directory is touched and Ray starts
     outcome: list[RoundRecorder] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         outcome.append(run_federation(grid, config, verbose=verbose, overwrite=True, keep_updates=keep_updates,
-                                      wire=wire, resume=resume))
+                                      wire=wire, resume=resume, model=model))
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_config=backend_config(config))
