@@ -18,15 +18,23 @@ class ProcessError(RuntimeError):
     """A Flower process failed to start or to become ready."""
 
 
+def stat_fields(pid: int | str = "self") -> list[str]:
+    """/proc/<pid>/stat after the command name: [state, ppid, ...]; raises OSError once the process is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    if not fields:
+        raise OSError(f"/proc/{pid}/stat is empty")
+    return fields
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+                parent = int(stat_fields(entry.name)[1])
+            except OSError:
                 continue  # exited while we looked
-            tree.setdefault(int(fields[1]), []).append(int(entry.name))
+            tree.setdefault(parent, []).append(int(entry.name))
     return tree
 
 
@@ -41,10 +49,9 @@ def descendants(pid: int) -> list[int]:
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return stat_fields(pid)[0] != "Z"
+    except OSError:
         return False
-    return state != "Z"
 
 
 def stop_pids(pids: list[int], grace: float = 15.0, reap: list[subprocess.Popen] | None = None) -> list[int]:

@@ -23,6 +23,7 @@ from ..configuration import from_mapping
 from ..data import make_loader
 from ..training import TrainStats, evaluate, seed_everything, train
 from .config import RunConfig
+from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
 from .node_worker import node_state_dir
 from .personalization import Fit, evaluate_client, train_client
@@ -67,7 +68,7 @@ def train_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int
 
 def _process_age() -> float:
     """Seconds since this process started (Linux /proc); in a fresh ClientApp process, the start-up cost."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    start_ticks = int(stat_fields()[19])
     return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
+from ..deploy.processes import alive, stat_fields  # stdlib only: keeps the ClientApp process light
+
 START_TIMEOUT = 600.0  # seconds a new worker may take to import and listen
 SUPERNODE = "flower-supernode"
 APP_ROOT = Path(__file__).resolve().parents[2]  # the installed Flower App (or the repository)
@@ -78,7 +80,7 @@ def running_pids(state_dir: str | Path) -> list[int]:
             pid = int(path.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(pid):
+        if alive(pid):
             pids.append(pid)
     return pids
 
@@ -140,17 +142,10 @@ def _supernode_pid() -> int:
         try:
             if SUPERNODE in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                 return pid
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            pid = int(stat_fields(pid)[1])
+        except (OSError, ValueError):
             break
     return os.getppid()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 # --- the worker's side -----------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
         while True:
             time.sleep(1.0)
             idle = not busy.locked() and time.monotonic() - last_work[0] > idle_seconds
-            if not _alive(watch_pid) or idle:
+            if not alive(watch_pid) or idle:
                 print(f"worker {os.getpid()} exits: {'idle' if idle else f'SuperNode {watch_pid} is gone'}", flush=True)
                 files.pid.unlink(missing_ok=True)
                 os._exit(0)
