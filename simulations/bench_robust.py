@@ -1,6 +1,6 @@
 """Robust aggregation against a malicious minority: clean vs attacked federations, per strategy.
 
-The same federation (config) runs with FedAvg, FedMedian, FedTrimmedAvg and Krum, each three times:
+The same federation (config) runs with FedAvg, FedMedian, FedTrimmedAvg, Krum and MultiKrum, each three times:
 
   clean    every client trains honestly
   scaled   clients 0 and 1 (2 of 10) train, then send global - 10 x (their update): a boosted, flipped update
@@ -29,7 +29,7 @@ from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
 from fed_adapters.federated.config import RunConfig, load_run_config
 from fed_adapters.federated.simulation import simulate
 
-STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum"]
+STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
 ATTACKS = ["clean", "scaled", "random"]
 ATTACKERS = 2
 

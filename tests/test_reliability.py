@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import transformers as tf
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from ray import cloudpickle
 from safetensors.numpy import load_file
@@ -26,7 +26,9 @@ from fed_adapters.deploy.processes import descendants
 from fed_adapters.federated.checkpoints import latest
 from fed_adapters.modeling import load_model, load_tokenizer
 from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
+from fed_adapters.federated.recording import RoundRecorder
 from fed_adapters.federated.simulation import simulate
+from fed_adapters.federated.strategies import make_strategy
 from fed_adapters.federated.validation import update_problem
 
 # Ray actors cannot import this test module: ship its functions by value.
@@ -130,6 +132,36 @@ def test_update_problems_are_named(message_identity) -> None:
     assert "w is float64[4], expected float32[4]" in update_problem(_reply({"w": np.zeros(4)}), sent)
     assert "missing ['w'], unexpected ['v']" in update_problem(_reply({"v": np.zeros(4, np.float32)}), sent)
     assert "num-examples is 0" in update_problem(_reply({"w": np.zeros(4, np.float32)}, examples=0), sent)
+
+
+class TenNodes:
+    """The one thing a strategy asks of the Grid when it samples everybody."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, 11))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_strategies_shrug_off_two_boosted_attackers(name, message_identity, tmp_path, tiny_base, keyword_data) -> None:
+    """8 honest updates around +1, 2 attackers sending -10 x theirs (bench_robust's `scaled` attack)."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"num_clients": 10},
+                         strategy={"name": name, "krum_malicious": 2})
+    strategy = make_strategy(config, 10, RoundRecorder(1, verbose=False))
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(50, np.float32))}), ConfigRecord(), TenNodes()))
+    rng = np.random.default_rng(0)
+    honest = [(1.0 + 0.1 * rng.standard_normal(50)).astype(np.float32) for _ in range(8)]
+    updates = [-10.0 * u for u in honest[:2]] + honest
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(u)}), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=m) for m, u in zip(sent, updates)]
+    aggregate = strategy.aggregate_train(1, replies)[0]["w"].numpy()
+    if name == "fedavg":
+        assert aggregate.mean() < -1.0  # dragged past zero: the attack works on a plain mean
+    elif name == "krum":
+        assert any(np.array_equal(aggregate, u) for u in honest)  # one honest update, picked whole
+    elif name == "multikrum":
+        np.testing.assert_allclose(aggregate, np.mean(honest, axis=0), atol=1e-6)  # all 8 honest ones, no attacker
+    else:
+        assert np.abs(aggregate - 1.0).max() < 0.3
 
 
 def _write_rows(directory, rows) -> None:

@@ -23,7 +23,7 @@ PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological", "natural"
 PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
 PRIVATE_PARTS = ("head", "top_layers", "stacked")
 DP_MODES = ("none", "central")
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
 @dataclass
@@ -141,13 +141,16 @@ class StrategySection:
     server_momentum: float = 0.9  # FedAvgM
     tau: float = 1e-3  # FedAdam / FedYogi / FedAdagrad: adaptivity
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
-    krum_malicious: int = 0  # Krum: assumed malicious clients
+    krum_malicious: int = 0  # Krum / MultiKrum: assumed malicious clients
+    krum_select: int = 0  # MultiKrum: updates averaged; 0 = the clients sampled per round minus krum_malicious
     round_timeout: float = 3600.0
     max_update_norm: float = 0.0  # reject client updates longer than this (L2, all shared tensors); 0 = no bound
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGIES)
         _at_least("strategy.num_rounds", self.num_rounds, 1)
+        _at_least("strategy.krum_malicious", self.krum_malicious, 0)
+        _at_least("strategy.krum_select", self.krum_select, 0)
         if self.max_update_norm < 0:
             raise ConfigError(f"strategy.max_update_norm must be >= 0 (0 = no bound), got {self.max_update_norm}")
         for key in ("fraction_train", "fraction_evaluate"):

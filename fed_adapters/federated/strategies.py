@@ -19,13 +19,14 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from .config import RunConfig
 from .mods import CLIENT_ID_KEY, UNIFORM_WEIGHT_KEY
-from .privacy import with_privacy
+from .privacy import clients_per_round, with_privacy
 from .validation import LOG, screen
 from .recording import RoundRecorder
 
@@ -39,6 +40,7 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "multikrum": MultiKrum,
 }
 
 
@@ -159,6 +161,8 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "fedadagrad": server_optimizer,
         "fedtrimmedavg": dict(beta=s.trim_beta),
         "krum": dict(num_malicious_nodes=s.krum_malicious),
+        "multikrum": dict(num_malicious_nodes=s.krum_malicious, num_nodes_to_select=s.krum_select
+                          or max(1, clients_per_round(config, num_clients) - s.krum_malicious)),
     }
     strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
