@@ -50,7 +50,7 @@ def run_federation(
     num_clients = _partition_report(config, run_dir, verbose)
 
     # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.
-    model = model or build_adapted_model(config)
+    model = model if model is not None else build_adapted_model(config)
     test_loader = make_loader(tokenized(config, test_data(config), (-1, "server-test")), tokenizer(config.model.name),
                               config.train.eval_batch_size, task=config.model.task)
     checkpoint = checkpoints.latest(run_dir) if resume else None
