@@ -97,20 +97,29 @@ def train(
     max_grad_norm: float | None = 1.0,
     prox_mu: float = 0.0,
     prox_reference: dict[str, torch.Tensor] | None = None,
+    schedule_start: int = 0,
+    schedule_steps: int | None = None,
     device: str | torch.device = "auto",
     amp: str = "auto",
     progress: bool = False,
 ) -> TrainStats:
-    """AdamW with linear warmup and decay over `max_steps` (or `epochs` passes) of `loader`."""
+    """AdamW with linear warmup and decay over `max_steps` (or `epochs` passes) of `loader`.
+
+    By default the warmup/decay curve spans this call. A federated client can instead run one slice of a
+    longer curve — `schedule_steps` in all, entered at `schedule_start` — so that successive rounds continue
+    one schedule rather than each warming up and decaying again.
+    """
     device = resolve_device(device)
     model.to(device).train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters; add an adapter or unfreeze a head first")
-    total_steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * len(loader)))
+    total_steps = planned_steps(loader, epochs, max_steps)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
-    warmup = int(warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_schedule(step, warmup, total_steps))
+    span = schedule_steps or total_steps
+    warmup = int(warmup_ratio * span)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _linear_schedule(schedule_start + step, warmup, span))
     reference = _proximal_reference(named, prox_reference, device) if prox_mu > 0 else None
     dtype = autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -188,6 +197,11 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
         fn = int(((predictions != c) & (labels == c)).sum())
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return sum(scores) / num_classes
+
+
+def planned_steps(loader: DataLoader, epochs: float, max_steps: int | None) -> int:
+    """The optimizer steps `train` takes: `max_steps`, or `epochs` passes over `loader` (at least one)."""
+    return max_steps if max_steps is not None else max(1, math.ceil(epochs * len(loader)))
 
 
 def _linear_schedule(step: int, warmup: int, total: int) -> float:

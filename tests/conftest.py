@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 import transformers as tf  # noqa: E402
 
 from fed_adapters.configuration import from_mapping  # noqa: E402
@@ -50,6 +51,18 @@ def tiny_model(family: str, num_labels: int = 3, seed: int = 0) -> torch.nn.Modu
     """A 2-layer, width-32 model with the architecture's own classification head, in eval mode."""
     torch.manual_seed(seed)
     return build_model(TINY_CONFIGS[family](), num_labels=num_labels, pooling="model").eval()
+
+
+def recorded_learning_rates(run) -> list[float]:
+    """The learning rate of every optimizer step taken while `run()` trains (a global step hook)."""
+    rates: list[float] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return rates
 
 
 def tiny_batch(batch_size: int = 4, length: int = 7, seed: int = 0, labels: int | None = 3) -> dict[str, torch.Tensor]:

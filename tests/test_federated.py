@@ -20,12 +20,13 @@ from flwr.common.config import flatten_dict
 from safetensors.numpy import load_file
 
 from fed_adapters.adapters import adapter_state_keys, load_adapter
-from conftest import tiny_config
+from conftest import recorded_learning_rates, tiny_config
 
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import RunConfig, load_run_config, run_config_from_flat
 from fed_adapters.federated.simulation import backend_config, simulate
-from fed_adapters.federated.task import build_adapted_model, model_and_tokenizer
+from fed_adapters.federated.client_work import local_fit
+from fed_adapters.federated.task import ClientSite, build_adapted_model, model_and_tokenizer, tokenizer
 from fed_adapters.modeling import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,21 @@ def test_shipped_configs_are_valid(name: str) -> None:
     assert config.run_name == name
 
 
+@pytest.mark.parametrize("schedule", ["per_round", "across_rounds"])
+def test_client_learning_rate_schedule_per_round_or_across_rounds(tmp_path, tiny_base, keyword_data, schedule) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 3},
+                         train={"local_steps": 4, "lr": 0.1, "warmup_ratio": 0.0, "lr_schedule": schedule})
+    model = build_adapted_model(config)
+    rates = {r: recorded_learning_rates(local_fit(model, tokenizer(config.model.name), config, ClientSite(0), r)) for r in (1, 3)}
+    if schedule == "per_round":  # every round decays from the full rate to zero on its own
+        assert rates[1] == rates[3] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    else:  # rounds 1 and 3 are steps 0-3 and 8-11 of one 12-step decay
+        assert rates[1] == pytest.approx([0.1 * (12 - s) / 12 for s in range(4)])
+        assert rates[3] == pytest.approx([0.1 * (4 - s) / 12 for s in range(4)])
+    side_job = recorded_learning_rates(lambda: local_fit(model, tokenizer(config.model.name), config, ClientSite(0), 3)(max_steps=2))
+    assert side_job == pytest.approx([0.1, 0.05])  # k fine-tuning steps keep their own schedule
+
+
 def test_config_errors_name_the_key(tmp_path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nlearning_rate = 0.1\n")
@@ -136,6 +152,9 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         load_run_config(path)
     path.write_text("[adapter]\nbottleneck_size = 8\nreduction_factor = 4\n")
     with pytest.raises(ConfigError, match="adapter: give either bottleneck_size or reduction_factor"):
+        load_run_config(path)
+    path.write_text("[train]\nlr_schedule = 'cosine'\n")
+    with pytest.raises(ConfigError, match="train.lr_schedule = 'cosine' is not one of per_round, across_rounds"):
         load_run_config(path)
     with pytest.raises(ConfigError, match="config file .*missing.toml does not exist"):
         load_run_config(tmp_path / "missing.toml")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from conftest import EOS, VOCAB, tiny_model
+from conftest import EOS, VOCAB, recorded_learning_rates, tiny_model
 from torch.utils.data import DataLoader
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base
@@ -42,6 +42,17 @@ def test_adapter_learns_a_learnable_task() -> None:
     assert stats.steps == 15 * 8 and stats.examples == 15 * 256 and stats.seconds > 0
     assert after["accuracy"] >= 0.8 and after["accuracy"] > before["accuracy"] + 0.2
     assert after["loss"] < before["loss"] and after["macro_f1"] >= 0.8 and after["num_examples"] == 128
+
+
+def test_a_call_can_run_one_slice_of_a_longer_schedule() -> None:
+    model = tiny_model("bert", num_labels=2)
+    add_adapter(model, AdapterConfig(bottleneck_size=8))
+    loader = DataLoader(_keyword_task(64, 0), batch_size=16)
+    whole = recorded_learning_rates(lambda: train(model, loader, max_steps=4, lr=1.0, warmup_ratio=0.0, device="cpu"))
+    second_half = recorded_learning_rates(lambda: train(model, loader, max_steps=4, lr=1.0, warmup_ratio=0.0, device="cpu",
+                                                        schedule_start=4, schedule_steps=8))
+    assert whole == pytest.approx([1.0, 0.75, 0.5, 0.25])  # its own decay to zero
+    assert second_half == pytest.approx([0.5, 0.375, 0.25, 0.125])  # steps 4..7 of an 8-step decay
 
 
 def test_proximal_term_pulls_towards_the_reference() -> None:

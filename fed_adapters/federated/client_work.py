@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..configuration import from_mapping
 from ..data import make_loader
-from ..training import TrainStats, evaluate, seed_everything, train
+from ..training import TrainStats, evaluate, planned_steps, seed_everything, train
 from .config import RunConfig
 from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
@@ -89,7 +89,11 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
     def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None) -> TrainStats:
         seed_everything(call_seed)
         loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=call_seed, task=config.model.task)
-        return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None,
+        schedule = {}
+        if t.lr_schedule == "across_rounds" and max_steps is None:  # a round's training, not a side job of k steps
+            steps = planned_steps(loader, t.local_epochs, t.local_steps or None)
+            schedule = dict(schedule_start=(server_round - 1) * steps, schedule_steps=config.strategy.num_rounds * steps)
+        return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None, **schedule,
                      **t.train_kwargs(), prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference)
 
     return fit

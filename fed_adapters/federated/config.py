@@ -23,6 +23,7 @@ PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological", "natural"
 PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
 PRIVATE_PARTS = ("head", "top_layers", "stacked")
 DP_MODES = ("none", "central")
+LR_SCHEDULES = ("per_round", "across_rounds")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
@@ -162,6 +163,13 @@ class StrategySection:
 class TrainSection(Optimization):
     local_epochs: float = 1.0
     local_steps: int = 0  # > 0 overrides local_epochs
+    # per_round: every round's local training warms up and decays on its own; across_rounds: the rounds are
+    # slices of one warmup/decay curve over all num_rounds (the client lr decays from round to round).
+    lr_schedule: str = "per_round"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
 
 @dataclass
