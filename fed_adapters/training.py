@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -53,6 +54,7 @@ class Optimization:
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float = 3e-3
+    optimizer: str = "adamw"
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -66,10 +68,12 @@ class Optimization:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; valid: {', '.join(AMP_MODES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
     def train_kwargs(self) -> dict:
         """The keyword arguments of `train` that this table sets."""
-        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+        return dict(lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
                     max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
 
 
@@ -92,6 +96,7 @@ def train(
     epochs: float = 1.0,
     max_steps: int | None = None,
     lr: float = 1e-3,
+    optimizer: str = "adamw",
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
     max_grad_norm: float | None = 1.0,
@@ -99,15 +104,21 @@ def train(
     prox_reference: dict[str, torch.Tensor] | None = None,
     schedule_start: int = 0,
     schedule_steps: int | None = None,
+    logit_adjustment: torch.Tensor | None = None,
     device: str | torch.device = "auto",
     amp: str = "auto",
     progress: bool = False,
 ) -> TrainStats:
-    """AdamW with linear warmup and decay over `max_steps` (or `epochs` passes) of `loader`.
+    """AdamW (or SGD) with linear warmup and decay over `max_steps` (or `epochs` passes) of `loader`.
 
     By default the warmup/decay curve spans this call. A federated client can instead run one slice of a
     longer curve — `schedule_steps` in all, entered at `schedule_start` — so that successive rounds continue
-    one schedule rather than each warming up and decaying again.
+    one schedule rather than each warming up and decaying again. `logit_adjustment` (one value per class, see
+    `label_prior_adjustment`) is added to the logits inside the training loss only.
+
+    SGD's step shrinks with the gradient, so a client whose data the model already fits (a one-label client
+    once it predicts that label) stops moving; AdamW's normalised step keeps its size, which under label skew
+    turns every such client into a full-sized push toward its label.
     """
     device = resolve_device(device)
     model.to(device).train()
@@ -115,12 +126,17 @@ def train(
     if not named:
         raise ValueError("the model has no trainable parameters; add an adapter or unfreeze a head first")
     total_steps = planned_steps(loader, epochs, max_steps)
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    parameters = [p for _, p in named]
+    step_rule = (torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+                 else torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay))
     span = schedule_steps or total_steps
     warmup = int(warmup_ratio * span)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _linear_schedule(schedule_start + step, warmup, span))
+        step_rule, lambda step: _linear_schedule(schedule_start + step, warmup, span))
     reference = _proximal_reference(named, prox_reference, device) if prox_mu > 0 else None
+    adjustment = logit_adjustment.to(device) if logit_adjustment is not None else None
     dtype = autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -130,15 +146,15 @@ def train(
     for batch in _cycle(loader, total_steps):
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, dtype):
-            loss = model(**batch).loss
+            loss = _training_loss(model, batch, adjustment)
         if reference is not None:
             loss = loss + 0.5 * prox_mu * sum(((p - reference[n]) ** 2).sum() for n, p in named)
-        optimizer.zero_grad(set_to_none=True)
+        step_rule.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if max_grad_norm:
-            scaler.unscale_(optimizer)
+            scaler.unscale_(step_rule)
             torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
-        scaler.step(optimizer)
+        scaler.step(step_rule)
         scaler.update()
         scheduler.step()
         loss_sum += float(loss.detach())
@@ -199,9 +215,28 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sum(scores) / num_classes
 
 
+def label_prior_adjustment(labels: Sequence[int], num_classes: int, tau: float) -> torch.Tensor:
+    """τ · log p(y) of a client's own labels (add-one smoothed), to add to its logits while it trains.
+
+    With the client's prior in the logits, the loss is already low where its label skew alone explains its
+    labels, so its gradient carries what separates the classes rather than how often they occur locally
+    (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022). Evaluation uses the plain logits. With
+    AdamW the normalised step hides the smaller gradient: pair it with `optimizer = "sgd"`.
+    """
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).float() + 1.0
+    return tau * torch.log(counts / counts.sum())
+
+
 def planned_steps(loader: DataLoader, epochs: float, max_steps: int | None) -> int:
     """The optimizer steps `train` takes: `max_steps`, or `epochs` passes over `loader` (at least one)."""
     return max_steps if max_steps is not None else max(1, math.ceil(epochs * len(loader)))
+
+
+def _training_loss(model: nn.Module, batch: dict[str, torch.Tensor], adjustment: torch.Tensor | None) -> torch.Tensor:
+    if adjustment is None:
+        return model(**batch).loss
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return nn.functional.cross_entropy(logits.float() + adjustment, batch["labels"])
 
 
 def _linear_schedule(step: int, warmup: int, total: int) -> float:

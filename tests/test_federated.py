@@ -133,6 +133,19 @@ def test_client_learning_rate_schedule_per_round_or_across_rounds(tmp_path, tiny
     assert side_job == pytest.approx([0.1, 0.05])  # k fine-tuning steps keep their own schedule
 
 
+def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_path, tiny_base, keyword_data) -> None:
+    bias_gap = {}
+    for tau in (0.0, 1.0):
+        config = tiny_config(tmp_path, tiny_base, keyword_data,
+                             partition={"method": "pathological", "num_clients": 2, "labels_per_client": 1},
+                             train={"local_steps": 10, "optimizer": "sgd", "lr": 0.5, "logit_adjustment": tau})
+        model = build_adapted_model(config)
+        local_fit(model, tokenizer(config.model.name), config, ClientSite(0), 1)()
+        bias = model.classifier.bias.detach()
+        bias_gap[tau] = abs(float(bias[1] - bias[0]))
+    assert bias_gap[1.0] < 0.2 * bias_gap[0.0]  # plain training learns "everything is my label" into the head
+
+
 def test_config_errors_name_the_key(tmp_path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nlearning_rate = 0.1\n")
@@ -152,6 +165,15 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         load_run_config(path)
     path.write_text("[adapter]\nbottleneck_size = 8\nreduction_factor = 4\n")
     with pytest.raises(ConfigError, match="adapter: give either bottleneck_size or reduction_factor"):
+        load_run_config(path)
+    path.write_text("[model]\ntask = 'causal_lm'\n[train]\nlogit_adjustment = 1.0\n")
+    with pytest.raises(ConfigError, match="model.task = 'causal_lm' has no classes: set train.logit_adjustment = 0"):
+        load_run_config(path)
+    path.write_text("[personalization]\nmode = 'split'\n[train]\nlogit_adjustment = 1.0\n")
+    with pytest.raises(ConfigError, match="personalization.mode = 'split' trains private parts in the same pass"):
+        load_run_config(path)
+    path.write_text("[train]\noptimizer = 'lion'\n")
+    with pytest.raises(ConfigError, match="unknown optimizer 'lion'; valid: adamw, sgd"):
         load_run_config(path)
     path.write_text("[train]\nlr_schedule = 'cosine'\n")
     with pytest.raises(ConfigError, match="train.lr_schedule = 'cosine' is not one of per_round, across_rounds"):

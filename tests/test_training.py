@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base
 from fed_adapters.modeling import ModelConfigError, build_model
-from fed_adapters.training import autocast_dtype, evaluate, macro_f1, resolve_device, seed_everything, train
+from fed_adapters.training import (
+    autocast_dtype, evaluate, label_prior_adjustment, macro_f1, resolve_device, seed_everything, train,
+)
 
 
 def _keyword_task(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -53,6 +55,26 @@ def test_a_call_can_run_one_slice_of_a_longer_schedule() -> None:
                                                         schedule_start=4, schedule_steps=8))
     assert whole == pytest.approx([1.0, 0.75, 0.5, 0.25])  # its own decay to zero
     assert second_half == pytest.approx([0.5, 0.375, 0.25, 0.125])  # steps 4..7 of an 8-step decay
+
+
+def test_label_prior_adjustment_is_tau_times_the_smoothed_log_prior() -> None:
+    # counts 3, 0, 1 -> add-one smoothed 4, 1, 2 of 7
+    assert label_prior_adjustment([0, 2, 0, 0], 3, 0.5).tolist() == pytest.approx([0.5 * math.log(p) for p in (4 / 7, 1 / 7, 2 / 7)])
+
+
+def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
+    model = tiny_model("bert", num_labels=2)
+    freeze_base(model, train_head=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same gradient in train mode as here
+    batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
+    model(**batch).loss.backward()
+    expected = model.classifier.bias.detach() - 0.5 * model.classifier.bias.grad
+    train(model, [batch], max_steps=1, lr=0.5, optimizer="sgd", weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=None, device="cpu")
+    assert torch.allclose(model.classifier.bias.detach(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; valid: adamw, sgd"):
+        train(model, [batch], max_steps=1, optimizer="lion", device="cpu")
 
 
 def test_proximal_term_pulls_towards_the_reference() -> None:

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..configuration import from_mapping
 from ..data import make_loader
-from ..training import TrainStats, evaluate, planned_steps, seed_everything, train
+from ..training import TrainStats, evaluate, label_prior_adjustment, planned_steps, seed_everything, train
 from .config import RunConfig
 from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
@@ -85,16 +85,21 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
     # Each (round, client) repeats exactly, in any actor or process.
     call_seed = (config.seed + 7919 * server_round + site.client) % 2**32
     t = config.train
+    adjustment = None
+    if t.logit_adjustment:
+        adjustment = label_prior_adjustment(train_set["labels"], config.model.num_labels, t.logit_adjustment)
 
     def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None) -> TrainStats:
         seed_everything(call_seed)
         loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=call_seed, task=config.model.task)
+        round_training = max_steps is None  # not a side job of k steps (personal fine-tuning: own schedule, plain loss)
         schedule = {}
-        if t.lr_schedule == "across_rounds" and max_steps is None:  # a round's training, not a side job of k steps
+        if round_training and t.lr_schedule == "across_rounds":
             steps = planned_steps(loader, t.local_epochs, t.local_steps or None)
             schedule = dict(schedule_start=(server_round - 1) * steps, schedule_steps=config.strategy.num_rounds * steps)
         return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None, **schedule,
-                     **t.train_kwargs(), prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference)
+                     **t.train_kwargs(), logit_adjustment=adjustment if round_training else None,
+                     prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference)
 
     return fit
 

@@ -166,10 +166,15 @@ class TrainSection(Optimization):
     # per_round: every round's local training warms up and decays on its own; across_rounds: the rounds are
     # slices of one warmup/decay curve over all num_rounds (the client lr decays from round to round).
     lr_schedule: str = "per_round"
+    # Classification: tau x log(the client's own label frequencies) added to the logits in local training
+    # (logit adjustment / FedLC, for label-skewed clients; pair with optimizer = "sgd"); 0 = off, 1 = the usual strength.
+    logit_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.logit_adjustment < 0:
+            raise ConfigError(f"train.logit_adjustment must be >= 0 (0 = off), got {self.logit_adjustment}")
 
 
 @dataclass
@@ -283,6 +288,16 @@ class RunConfig:
             raise ConfigError(
                 f"personalization.private = {p.private!r} keeps the head private, but adapter.train_head = false "
                 "never trains it; set adapter.train_head = true or personalization.private = 'stacked'"
+            )
+        if self.train.logit_adjustment and self.model.task != "classification":
+            raise ConfigError(
+                f"train.logit_adjustment shifts class logits by the client's label frequencies; model.task = "
+                f"{self.model.task!r} has no classes: set train.logit_adjustment = 0"
+            )
+        if self.train.logit_adjustment and p.mode not in ("none", "finetune"):
+            raise ConfigError(
+                f"train.logit_adjustment keeps the client's label prior out of what it trains, but personalization.mode = "
+                f"{p.mode!r} trains private parts in the same pass, which should learn it: use one or the other"
             )
         if self.partition.local_test_fraction == 0 and p.mode != "none":
             raise ConfigError(
