@@ -146,38 +146,29 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_pat
     assert bias_gap[1.0] < 0.2 * bias_gap[0.0]  # plain training learns "everything is my label" into the head
 
 
-def test_config_errors_name_the_key(tmp_path) -> None:
+@pytest.mark.parametrize("toml, message", [
+    ("[train]\nlearning_rate = 0.1\n", "unknown key 'train.learning_rate'; valid keys here: batch_size, eval_batch_size, lr,"),
+    ("[strategy]\nnum_rounds = 'three'\n", "strategy.num_rounds must be int, got str 'three'"),
+    ("[strategy]\nname = 'fedbest'\n", "strategy.name = 'fedbest' is not one of fedavg, fedavgm, fedprox"),
+    ("[partition]\nlocal_test_fraction = 0.0\n",
+     "local_test_fraction = 0 leaves clients no local test split, but strategy.fraction_evaluate"),
+    ("[partition]\nmethod = 'random'\n", "partition.method = 'random' is not one of iid, dirichlet"),
+    ("[adapter]\nbottleneck_size = 8\nreduction_factor = 4\n", "adapter: give either bottleneck_size or reduction_factor"),
+    ("[model]\ntask = 'causal_lm'\n[train]\nlogit_adjustment = 1.0\n",
+     "model.task = 'causal_lm' has no classes: set train.logit_adjustment = 0"),
+    ("[personalization]\nmode = 'split'\n[train]\nlogit_adjustment = 1.0\n",
+     "personalization.mode = 'split' trains private parts in the same pass"),
+    ("[train]\noptimizer = 'lion'\n", "unknown optimizer 'lion'; valid: adamw, sgd"),
+    ("[train]\nlr_schedule = 'cosine'\n", "train.lr_schedule = 'cosine' is not one of per_round, across_rounds"),
+])
+def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text("[train]\nlearning_rate = 0.1\n")
-    with pytest.raises(ConfigError, match="unknown key 'train.learning_rate'; valid keys here: batch_size, eval_batch_size, lr,"):
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
         load_run_config(path)
-    path.write_text("[strategy]\nnum_rounds = 'three'\n")
-    with pytest.raises(ConfigError, match="strategy.num_rounds must be int, got str 'three'"):
-        load_run_config(path)
-    path.write_text("[strategy]\nname = 'fedbest'\n")
-    with pytest.raises(ConfigError, match="strategy.name = 'fedbest' is not one of fedavg, fedavgm, fedprox"):
-        load_run_config(path)
-    path.write_text("[partition]\nlocal_test_fraction = 0.0\n")
-    with pytest.raises(ConfigError, match="local_test_fraction = 0 leaves clients no local test split, but strategy.fraction_evaluate"):
-        load_run_config(path)
-    path.write_text("[partition]\nmethod = 'random'\n")
-    with pytest.raises(ConfigError, match="partition.method = 'random' is not one of iid, dirichlet"):
-        load_run_config(path)
-    path.write_text("[adapter]\nbottleneck_size = 8\nreduction_factor = 4\n")
-    with pytest.raises(ConfigError, match="adapter: give either bottleneck_size or reduction_factor"):
-        load_run_config(path)
-    path.write_text("[model]\ntask = 'causal_lm'\n[train]\nlogit_adjustment = 1.0\n")
-    with pytest.raises(ConfigError, match="model.task = 'causal_lm' has no classes: set train.logit_adjustment = 0"):
-        load_run_config(path)
-    path.write_text("[personalization]\nmode = 'split'\n[train]\nlogit_adjustment = 1.0\n")
-    with pytest.raises(ConfigError, match="personalization.mode = 'split' trains private parts in the same pass"):
-        load_run_config(path)
-    path.write_text("[train]\noptimizer = 'lion'\n")
-    with pytest.raises(ConfigError, match="unknown optimizer 'lion'; valid: adamw, sgd"):
-        load_run_config(path)
-    path.write_text("[train]\nlr_schedule = 'cosine'\n")
-    with pytest.raises(ConfigError, match="train.lr_schedule = 'cosine' is not one of per_round, across_rounds"):
-        load_run_config(path)
+
+
+def test_a_missing_config_file_is_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="config file .*missing.toml does not exist"):
         load_run_config(tmp_path / "missing.toml")
 
