@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adapters.model import head_parameter_names
+
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -54,6 +56,9 @@ class Optimization:
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float = 3e-3
+    # The task head's own learning rate; 0 = lr. With SGD the head's gradients are ~100x the adapters', so a
+    # single lr either overshoots the head or starves the adapters.
+    head_lr: float = 0.0
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -66,6 +71,8 @@ class Optimization:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.head_lr < 0:
+            raise ValueError(f"head_lr must be >= 0 (0 = the same as lr), got {self.head_lr}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; valid: {', '.join(AMP_MODES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -73,7 +80,7 @@ class Optimization:
 
     def train_kwargs(self) -> dict:
         """The keyword arguments of `train` that this table sets."""
-        return dict(lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+        return dict(lr=self.lr, head_lr=self.head_lr or None, optimizer=self.optimizer, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
                     max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
 
 
@@ -96,6 +103,7 @@ def train(
     epochs: float = 1.0,
     max_steps: int | None = None,
     lr: float = 1e-3,
+    head_lr: float | None = None,
     optimizer: str = "adamw",
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
@@ -114,7 +122,8 @@ def train(
     By default the warmup/decay curve spans this call. A federated client can instead run one slice of a
     longer curve — `schedule_steps` in all, entered at `schedule_start` — so that successive rounds continue
     one schedule rather than each warming up and decaying again. `logit_adjustment` (one value per class, see
-    `label_prior_adjustment`) is added to the logits inside the training loss only.
+    `label_prior_adjustment`) is added to the logits inside the training loss only. `head_lr` gives the task
+    head (`head_parameter_names`) its own peak learning rate; the schedule scales both alike.
 
     SGD's step shrinks with the gradient, so a client whose data the model already fits (a one-label client
     once it predicts that label) stops moving; AdamW's normalised step keeps its size, which under label skew
@@ -128,7 +137,7 @@ def train(
     total_steps = planned_steps(loader, epochs, max_steps)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    parameters = [p for _, p in named]
+    parameters = _parameter_groups(model, named, head_lr)
     step_rule = (torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
                  else torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay))
     span = schedule_steps or total_steps
@@ -237,6 +246,16 @@ def _training_loss(model: nn.Module, batch: dict[str, torch.Tensor], adjustment:
         return model(**batch).loss
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return nn.functional.cross_entropy(logits.float() + adjustment, batch["labels"])
+
+
+def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], head_lr: float | None) -> list[dict]:
+    """One optimizer group of every trainable parameter, or two when the head has its own learning rate."""
+    if head_lr is None:
+        return [{"params": [p for _, p in named]}]
+    head = set(head_parameter_names(model))
+    groups = [{"params": [p for n, p in named if n not in head]},
+              {"params": [p for n, p in named if n in head], "lr": head_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def _linear_schedule(step: int, warmup: int, total: int) -> float:

@@ -159,6 +159,7 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_pat
     ("[personalization]\nmode = 'split'\n[train]\nlogit_adjustment = 1.0\n",
      "personalization.mode = 'split' trains private parts in the same pass"),
     ("[train]\noptimizer = 'lion'\n", "unknown optimizer 'lion'; valid: adamw, sgd"),
+    ("[train]\nhead_lr = -0.5\n", "head_lr must be >= 0 \\(0 = the same as lr\\), got -0.5"),
     ("[train]\nlr_schedule = 'cosine'\n", "train.lr_schedule = 'cosine' is not one of per_round, across_rounds"),
 ])
 def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:

@@ -77,6 +77,25 @@ def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
         train(model, [batch], max_steps=1, optimizer="lion", device="cpu")
 
 
+def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
+    model = tiny_model("bert", num_labels=2)
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
+    model(**batch).loss.backward()
+    adapter_name, adapter_param = max(((n, p) for n, p in model.named_parameters() if "adapter" in n and p.grad is not None),
+                                      key=lambda item: float(item[1].grad.abs().sum()))
+    assert float(adapter_param.grad.abs().sum()) > 0
+    expected_head = model.classifier.weight.detach() - 0.1 * model.classifier.weight.grad
+    expected_adapter = adapter_param.detach() - 2.0 * adapter_param.grad
+    train(model, [batch], max_steps=1, lr=2.0, head_lr=0.1, optimizer="sgd", weight_decay=0.0, warmup_ratio=0.0,
+          max_grad_norm=None, device="cpu")
+    assert torch.allclose(model.classifier.weight.detach(), expected_head, atol=1e-6)
+    assert torch.allclose(dict(model.named_parameters())[adapter_name].detach(), expected_adapter, atol=1e-6), adapter_name
+
+
 def test_proximal_term_pulls_towards_the_reference() -> None:
     drift = {}
     for mu in (0.0, 100.0):
