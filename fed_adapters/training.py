@@ -80,8 +80,8 @@ class Optimization:
 
     def train_kwargs(self) -> dict:
         """The keyword arguments of `train` that this table sets."""
-        return dict(lr=self.lr, head_lr=self.head_lr or None, optimizer=self.optimizer, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-                    max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
+        return dict(lr=self.lr, head_lr=self.head_lr or None, optimizer=self.optimizer, weight_decay=self.weight_decay,
+                    warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
 
 
 @dataclass(frozen=True)
