@@ -65,9 +65,7 @@ def test_label_prior_adjustment_is_tau_times_the_smoothed_log_prior() -> None:
 def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
     model = tiny_model("bert", num_labels=2)
     freeze_base(model, train_head=True)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # the same gradient in train mode as here
+    _disable_dropout(model)
     batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
     model(**batch).loss.backward()
     expected = model.classifier.bias.detach() - 0.5 * model.classifier.bias.grad
@@ -80,9 +78,7 @@ def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
 def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
     model = tiny_model("bert", num_labels=2)
     add_adapter(model, AdapterConfig(bottleneck_size=4))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    _disable_dropout(model)
     batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
     model(**batch).loss.backward()
     adapter_name, adapter_param = max(((n, p) for n, p in model.named_parameters() if "adapter" in n and p.grad is not None),
@@ -94,6 +90,13 @@ def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
           max_grad_norm=None, device="cpu")
     assert torch.allclose(model.classifier.weight.detach(), expected_head, atol=1e-6)
     assert torch.allclose(dict(model.named_parameters())[adapter_name].detach(), expected_adapter, atol=1e-6), adapter_name
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """The same gradient in `train`'s train mode as in a hand-computed backward pass."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def test_proximal_term_pulls_towards_the_reference() -> None:
