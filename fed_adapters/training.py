@@ -90,6 +90,9 @@ class TrainStats:
     steps: int
     examples: int
     seconds: float
+    # The lr schedule's factors summed over the steps taken: a parameter's total step size is its peak lr times
+    # this (SCAFFOLD turns a client's drift into its control variate with it).
+    schedule_sum: float = 0.0
 
     @property
     def examples_per_second(self) -> float:
@@ -113,6 +116,7 @@ def train(
     schedule_start: int = 0,
     schedule_steps: int | None = None,
     logit_adjustment: torch.Tensor | None = None,
+    grad_correction: dict[str, torch.Tensor] | None = None,
     device: str | torch.device = "auto",
     amp: str = "auto",
     progress: bool = False,
@@ -124,6 +128,8 @@ def train(
     one schedule rather than each warming up and decaying again. `logit_adjustment` (one value per class, see
     `label_prior_adjustment`) is added to the logits inside the training loss only. `head_lr` gives the task
     head (`head_parameter_names`) its own peak learning rate; the schedule scales both alike.
+    `grad_correction` (parameter name -> tensor) is added to those parameters' gradients after clipping, at
+    every step: SCAFFOLD's c - c_i.
 
     SGD's step shrinks with the gradient, so a client whose data the model already fits (a one-label client
     once it predicts that label) stops moving; AdamW's normalised step keeps its size, which under label skew
@@ -146,10 +152,11 @@ def train(
         step_rule, lambda step: _linear_schedule(schedule_start + step, warmup, span))
     reference = _proximal_reference(named, prox_reference, device) if prox_mu > 0 else None
     adjustment = logit_adjustment.to(device) if logit_adjustment is not None else None
+    correction = _gradient_correction(named, grad_correction, device) if grad_correction else None
     dtype = autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    loss_sum, examples, step = 0.0, 0, 0
+    loss_sum, examples, step, schedule_sum = 0.0, 0, 0, 0.0
     start = time.perf_counter()
     bar = _progress(total_steps, "train", progress)
     for batch in _cycle(loader, total_steps):
@@ -160,9 +167,14 @@ def train(
             loss = loss + 0.5 * prox_mu * sum(((p - reference[n]) ** 2).sum() for n, p in named)
         step_rule.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if max_grad_norm:
+        if max_grad_norm or correction:
             scaler.unscale_(step_rule)
+        if max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+        if correction:
+            for param, value in correction:
+                param.grad = value.clone() if param.grad is None else param.grad.add_(value)
+        schedule_sum += _linear_schedule(schedule_start + step, warmup, span)
         scaler.step(step_rule)
         scaler.update()
         scheduler.step()
@@ -174,7 +186,7 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / step:.4f}")
     if bar is not None:
         bar.close()
-    return TrainStats(loss_sum / max(step, 1), step, examples, time.perf_counter() - start)
+    return TrainStats(loss_sum / max(step, 1), step, examples, time.perf_counter() - start, schedule_sum)
 
 
 @torch.no_grad()
@@ -246,6 +258,15 @@ def _training_loss(model: nn.Module, batch: dict[str, torch.Tensor], adjustment:
         return model(**batch).loss
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return nn.functional.cross_entropy(logits.float() + adjustment, batch["labels"])
+
+
+def _gradient_correction(named: list[tuple[str, nn.Parameter]], correction: dict[str, torch.Tensor],
+                         device: torch.device) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    params = dict(named)
+    unknown = sorted(set(correction) - set(params))
+    if unknown:
+        raise ValueError(f"grad_correction names parameters that do not train here: {unknown[:3]}")
+    return [(params[name], value.to(device, params[name].dtype)) for name, value in correction.items()]
 
 
 def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], head_lr: float | None) -> list[dict]:

@@ -65,6 +65,13 @@ def recorded_learning_rates(run) -> list[float]:
     return rates
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """The same gradient in `train`'s train mode as in a hand-computed backward pass."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def tiny_batch(batch_size: int = 4, length: int = 7, seed: int = 0, labels: int | None = 3) -> dict[str, torch.Tensor]:
     """Random token ids ending in EOS (T5's classification head reads the EOS position)."""
     generator = torch.Generator().manual_seed(seed)

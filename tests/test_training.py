@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from conftest import EOS, VOCAB, recorded_learning_rates, tiny_model
+from conftest import EOS, VOCAB, disable_dropout, recorded_learning_rates, tiny_model
 from torch.utils.data import DataLoader
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base
@@ -65,7 +65,7 @@ def test_label_prior_adjustment_is_tau_times_the_smoothed_log_prior() -> None:
 def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
     model = tiny_model("bert", num_labels=2)
     freeze_base(model, train_head=True)
-    _disable_dropout(model)
+    disable_dropout(model)
     batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
     model(**batch).loss.backward()
     expected = model.classifier.bias.detach() - 0.5 * model.classifier.bias.grad
@@ -78,7 +78,7 @@ def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
 def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
     model = tiny_model("bert", num_labels=2)
     add_adapter(model, AdapterConfig(bottleneck_size=4))
-    _disable_dropout(model)
+    disable_dropout(model)
     batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
     model(**batch).loss.backward()
     adapter_name, adapter_param = max(((n, p) for n, p in model.named_parameters() if "adapter" in n and p.grad is not None),
@@ -90,13 +90,6 @@ def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
           max_grad_norm=None, device="cpu")
     assert torch.allclose(model.classifier.weight.detach(), expected_head, atol=1e-6)
     assert torch.allclose(dict(model.named_parameters())[adapter_name].detach(), expected_adapter, atol=1e-6), adapter_name
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """The same gradient in `train`'s train mode as in a hand-computed backward pass."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def test_proximal_term_pulls_towards_the_reference() -> None:
@@ -201,3 +194,20 @@ def test_pooled_classifier_head_is_the_only_head(pooling: str) -> None:
         model.eval()
         short = model(input_ids=ids[:1, :3], attention_mask=mask[:1, :3]).logits
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:1], short, atol=1e-5, rtol=0)
+
+
+def test_gradient_correction_is_added_to_each_step_and_the_schedule_is_summed() -> None:
+    model = tiny_model("bert", num_labels=2)
+    disable_dropout(model)
+    batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
+    model(**batch).loss.backward()
+    correction = torch.full_like(model.classifier.bias, 0.25)
+    expected = model.classifier.bias.detach() - 0.5 * (model.classifier.bias.grad + correction)
+    stats = train(model, [batch], max_steps=1, lr=0.5, optimizer="sgd", weight_decay=0.0, warmup_ratio=0.0,
+                  max_grad_norm=None, grad_correction={"classifier.bias": correction}, device="cpu")
+    assert torch.allclose(model.classifier.bias.detach(), expected, atol=1e-6)
+    assert stats.schedule_sum == pytest.approx(1.0)
+    # Linear decay over 4 steps without warmup: factors 1, 3/4, 1/2, 1/4.
+    assert train(model, [batch], max_steps=4, lr=0.1, warmup_ratio=0.0, device="cpu").schedule_sum == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="do not train here: \\['classifier.scale'\\]"):
+        train(model, [batch], max_steps=1, grad_correction={"classifier.scale": correction}, device="cpu")

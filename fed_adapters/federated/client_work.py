@@ -27,6 +27,7 @@ from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
 from .node_worker import node_state_dir
 from .personalization import Fit, evaluate_client, train_client
+from .scaffold import train_with_controls
 from .task import ClientSite, client_data, model_and_tokenizer
 
 Arrays = dict[str, np.ndarray]
@@ -59,7 +60,8 @@ def train_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int
     fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
     setup = time.perf_counter() - started
     received = ArrayRecord({name: Array(value) for name, value in arrays.items()})
-    sent, stats = train_client(model, config, received, site.store(config), site.client, fit)
+    train_round = train_with_controls if config.strategy.name == "scaffold" else train_client
+    sent, stats = train_round(model, config, received, site.store(config), site.client, fit)
     metrics = dict(train_metrics(stats, len(client_data(config, site)[0])))
     # What a call costs before training (model, data; in a fresh process also the imports before it).
     metrics.update({"setup-seconds": setup, "process-age-seconds": process_age})
@@ -89,7 +91,8 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
     if t.logit_adjustment:
         adjustment = label_prior_adjustment(train_set["labels"], config.model.num_labels, t.logit_adjustment)
 
-    def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None) -> TrainStats:
+    def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None,
+            grad_correction: dict | None = None) -> TrainStats:
         seed_everything(call_seed)
         loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=call_seed, task=config.model.task)
         round_training = max_steps is None  # not a side job of k steps (personal fine-tuning: own schedule, plain loss)
@@ -99,7 +102,8 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
             schedule = dict(schedule_start=(server_round - 1) * steps, schedule_steps=config.strategy.num_rounds * steps)
         return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None, **schedule,
                      **t.train_kwargs(), logit_adjustment=adjustment if round_training else None,
-                     prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference)
+                     prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference,
+                     grad_correction=grad_correction)
 
     return fit
 

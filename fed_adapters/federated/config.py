@@ -24,7 +24,8 @@ PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
 PRIVATE_PARTS = ("head", "top_layers", "stacked")
 DP_MODES = ("none", "central")
 LR_SCHEDULES = ("per_round", "across_rounds")
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+              "scaffold")
 
 
 @dataclass
@@ -284,6 +285,17 @@ class RunConfig:
                 f"privacy.dp = {self.privacy.dp!r} adds noise to a uniform mean of clipped updates, which "
                 f"strategy.name = {self.strategy.name!r} does not compute; use 'fedavg' or 'fedprox'"
             )
+        if self.strategy.name == "scaffold" and self.train.optimizer != "sgd":
+            raise ConfigError(
+                f"strategy.name = 'scaffold' corrects each local gradient step, which train.optimizer = "
+                f"{self.train.optimizer!r} rescales; set train.optimizer = 'sgd'"
+            )
+        if self.strategy.name == "scaffold" and p.mode not in ("none", "finetune"):
+            raise ConfigError(
+                f"strategy.name = 'scaffold' keeps a control variate per client beside the global adapter; "
+                f"personalization.mode = {p.mode!r} keeps private tensors too and is not supported with it: "
+                "use 'none' or 'finetune', or another strategy"
+            )
         if p.mode == "split" and p.private != "stacked" and not self.adapter.train_head:
             raise ConfigError(
                 f"personalization.private = {p.private!r} keeps the head private, but adapter.train_head = false "
@@ -313,6 +325,11 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.results_dir) / self.run_name
+
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep tensors of their own between rounds (private parts, SCAFFOLD's control variates)."""
+        return self.personalization.mode != "none" or self.strategy.name == "scaffold"
 
     @property
     def private_state_dir(self) -> Path:

@@ -20,6 +20,7 @@ from . import checkpoints, client_report, results
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
+from .scaffold import with_zero_controls
 from .secure_aggregation import run_secure_rounds
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
@@ -57,7 +58,7 @@ def run_federation(
     done = checkpoint.round if checkpoint else 0
     recorder = RoundRecorder(config.strategy.num_rounds, verbose=verbose, keep_updates=keep_updates, offset=done)
     # In simulation the server's machine holds the clients' private states: they are checkpointed too.
-    private_dir = config.private_state_dir if config.partition.method != "nodes" and config.personalization.mode != "none" else None
+    private_dir = config.private_state_dir if config.partition.method != "nodes" and config.keeps_client_state else None
     strategy = None if config.privacy.secure_aggregation else make_strategy(config, num_clients, recorder)
     if checkpoint:
         wire.load(model, checkpoint.arrays)
@@ -80,7 +81,9 @@ def run_federation(
     offset = done if config.privacy.secure_aggregation else 0
     run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict()), ROUND_OFFSET_KEY: offset})
     started = time.perf_counter()
-    initial = wire.pack(model)
+    initial = checkpoint.arrays if checkpoint else wire.pack(model)
+    if config.strategy.name == "scaffold" and not checkpoint:
+        initial = with_zero_controls(initial)
     if config.privacy.secure_aggregation:
         final_arrays = run_secure_rounds(grid, config, initial, run_config, num_clients, recorder, evaluate_global, done)
     else:

@@ -29,6 +29,7 @@ from .mods import CLIENT_ID_KEY, UNIFORM_WEIGHT_KEY
 from .privacy import clients_per_round, with_privacy
 from .validation import LOG, screen
 from .recording import RoundRecorder
+from .scaffold import Scaffold
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -41,6 +42,7 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
     "multikrum": MultiKrum,
+    "scaffold": Scaffold,
 }
 
 
@@ -163,6 +165,7 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "krum": dict(num_malicious_nodes=s.krum_malicious),
         "multikrum": dict(num_malicious_nodes=s.krum_malicious, num_nodes_to_select=s.krum_select
                           or max(1, clients_per_round(config, num_clients) - s.krum_malicious)),
+        "scaffold": dict(num_clients=num_clients, server_lr=s.server_lr or 1.0),
     }
     strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
