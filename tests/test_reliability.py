@@ -26,6 +26,7 @@ from fed_adapters.deploy.processes import descendants
 from fed_adapters.federated.checkpoints import latest
 from fed_adapters.modeling import load_model, load_tokenizer
 from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
+from fed_adapters.federated.mods import CONTROL_PREFIX
 from fed_adapters.federated.recording import RoundRecorder
 from fed_adapters.federated.simulation import simulate
 from fed_adapters.federated.strategies import make_strategy
@@ -134,6 +135,11 @@ def test_update_problems_are_named(message_identity) -> None:
     assert "w is float64[4], expected float32[4]" in update_problem(_reply({"w": np.zeros(4)}), sent)
     assert "missing ['w'], unexpected ['v']" in update_problem(_reply({"v": np.zeros(4, np.float32)}), sent)
     assert "num-examples is 0" in update_problem(_reply({"w": np.zeros(4, np.float32)}, examples=0), sent)
+    # SCAFFOLD's control variates are checked but are not part of the update's length.
+    with_control = ArrayRecord({"w": Array(np.zeros(4, np.float32)), CONTROL_PREFIX + "w": Array(np.zeros(4, np.float32))})
+    far_control = {"w": np.full(4, 0.1, np.float32), CONTROL_PREFIX + "w": np.full(4, 9.0, np.float32)}
+    assert update_problem(_reply(far_control), with_control, 1.0) is None
+    assert "holds NaN" in update_problem(_reply({**far_control, CONTROL_PREFIX + "w": np.full(4, np.nan, np.float32)}), with_control)
 
 
 class TenNodes:

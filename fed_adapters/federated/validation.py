@@ -2,7 +2,8 @@
 
 A reply is rejected, and logged with its node id, when its tensors do not match what the server sent
 (names, shapes, dtypes), hold NaN or Inf, its example count is not positive, or its update (reply minus
-the global adapter it started from) is longer than `strategy.max_update_norm` (L2 over all tensors).
+the global adapter it started from) is longer than `strategy.max_update_norm` (L2 over all adapter and head
+tensors; SCAFFOLD's control variates beside them are checked but not part of the update).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+
+from .mods import CONTROL_PREFIX
 
 LOG = logging.getLogger("fed_adapters")
 
@@ -37,7 +40,8 @@ def update_problem(reply: Message, sent: ArrayRecord, max_norm: float = 0.0) -> 
         values = got.numpy()
         if not np.all(np.isfinite(values)):
             return f"{name} holds NaN or Inf"
-        squared_norm += float(np.sum((values.astype(np.float64) - expected.numpy()) ** 2))
+        if not name.startswith(CONTROL_PREFIX):
+            squared_norm += float(np.sum((values.astype(np.float64) - expected.numpy()) ** 2))
     if max_norm > 0 and math.sqrt(squared_norm) > max_norm:
         return f"update norm {math.sqrt(squared_norm):.3g} exceeds strategy.max_update_norm = {max_norm:g}"
     return None
