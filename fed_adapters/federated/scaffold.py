@@ -84,7 +84,7 @@ def train_with_controls(model: nn.Module, config: RunConfig, arrays: ArrayRecord
     wire.load(model, shared)
     set_active_adapter(model, SHARED)
     params = shared_parameters(model, config)
-    received = snapshot(params)
+    received = {k: v.cpu() for k, v in snapshot(params).items()}  # the control arithmetic runs on the CPU
     own = store.load(client) or {k: torch.zeros_like(v) for k, v in received.items()}
     if set(own) != set(received) or set(server_control) != set(received):
         raise ValueError(f"client {client}'s control variate ({store.path(client)}) or the server's does not match the "
