@@ -31,6 +31,13 @@ FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
 
 
+def split_controls(arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    """(the adapter's arrays, SCAFFOLD's control variates by tensor name; empty for other strategies)."""
+    shared = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(CONTROL_PREFIX)})
+    controls = {k.removeprefix(CONTROL_PREFIX): v.numpy() for k, v in arrays.items() if k.startswith(CONTROL_PREFIX)}
+    return shared, controls
+
+
 def client_id(node: dict, node_id: int) -> int:
     """The client a node serves: its partition (simulation), its `client-id` node config, or its node id."""
     return int(node.get("partition-id", node.get("client-id", node_id % 2**31)))

@@ -41,7 +41,7 @@ from ..adapters.targets import find_insertion_points, num_layers
 from ..configuration import ConfigError
 from ..training import TrainStats
 from .config import RunConfig
-from .mods import CONTROL_PREFIX
+from .mods import split_controls
 from .private_store import PrivateStore
 
 SHARED, PRIVATE, FUSION = "default", "private", "fusion"
@@ -153,8 +153,7 @@ class SharedWire:
 
     def load(self, model: nn.Module, arrays: ArrayRecord) -> None:
         """Loads the adapter (and head) tensors; SCAFFOLD's control variates beside them are not model weights."""
-        state = {k: v for k, v in arrays.to_torch_state_dict().items() if not k.startswith(CONTROL_PREFIX)}
-        assign(shared_parameters(model, self.config), state, "the message's adapter")
+        assign(shared_parameters(model, self.config), split_controls(arrays)[0].to_torch_state_dict(), "the message's adapter")
 
 
 def _restore_private(model: nn.Module, config: RunConfig, store: PrivateStore, client: int, received: State) -> None:

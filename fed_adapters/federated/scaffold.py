@@ -21,28 +21,21 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from ..adapters import head_parameter_names, set_active_adapter
 from ..training import TrainStats
 from .config import RunConfig
-from .mods import CONTROL_PREFIX
+from .mods import CONTROL_PREFIX, split_controls
 from .personalization import SHARED, Fit, SharedWire, shared_parameters, snapshot
 from .private_store import PrivateStore
-
-
-def split_controls(arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
-    """(the adapter's arrays, the control variates by tensor name)."""
-    shared = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(CONTROL_PREFIX)})
-    controls = {k.removeprefix(CONTROL_PREFIX): v.numpy() for k, v in arrays.items() if k.startswith(CONTROL_PREFIX)}
-    return shared, controls
 
 
 def with_zero_controls(arrays: ArrayRecord) -> ArrayRecord:
     """The initial global record: the adapter and a zero server control variate for each of its tensors."""
     controls = {CONTROL_PREFIX + k: Array(np.zeros_like(v.numpy())) for k, v in arrays.items()}
-    return ArrayRecord({**{k: Array(v.numpy()) for k, v in arrays.items()}, **controls})
+    return ArrayRecord({**dict(arrays.items()), **controls})
 
 
 class Scaffold(FedAvg):
@@ -53,6 +46,12 @@ class Scaffold(FedAvg):
         self.num_clients = num_clients
         self.server_lr = server_lr
         self.sent = ArrayRecord()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs) -> Result:
+        """A fresh run starts from zero control variates; a resumed one brings its checkpointed ones."""
+        if not split_controls(initial_arrays)[1]:
+            initial_arrays = with_zero_controls(initial_arrays)
+        return super().start(grid=grid, initial_arrays=initial_arrays, **kwargs)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays

@@ -20,7 +20,6 @@ from . import checkpoints, client_report, results
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
 from .recording import RoundRecorder
-from .scaffold import with_zero_controls
 from .secure_aggregation import run_secure_rounds
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
@@ -82,8 +81,6 @@ def run_federation(
     run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict()), ROUND_OFFSET_KEY: offset})
     started = time.perf_counter()
     initial = checkpoint.arrays if checkpoint else wire.pack(model)
-    if config.strategy.name == "scaffold" and not checkpoint:
-        initial = with_zero_controls(initial)
     if config.privacy.secure_aggregation:
         final_arrays = run_secure_rounds(grid, config, initial, run_config, num_clients, recorder, evaluate_global, done)
     else:
