@@ -17,7 +17,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from . import node_worker
-from .mods import CLIENT_ID_KEY, client_id, clip_when_asked, is_secure_fit, secure_fit_reply, secure_when_asked
+from .mods import (CALIBRATE_ACTION, CLIENT_ID_KEY, client_id, clip_when_asked, is_secure_fit, secure_fit_reply,
+                   secure_when_asked)
 
 app = ClientApp()
 
@@ -33,15 +34,17 @@ def run_work(kind: str, arrays: ArrayRecord, message_config: ConfigRecord, conte
     return HANDLERS[kind](*work)
 
 
+def arrays_work(kind: str, arrays: ArrayRecord, message_config: ConfigRecord, context: Context) -> tuple[ArrayRecord, MetricRecord]:
+    """`run_work` for the kinds of work that answer with tensors and metrics."""
+    sent, metrics = run_work(kind, arrays, message_config, context)
+    return ArrayRecord({name: Array(value) for name, value in sent.items()}), MetricRecord(metrics)
+
+
 @app.train(mods=[clip_when_asked, secure_when_asked])
 def train_adapter(msg: Message, context: Context) -> Message:
-    def train_here(arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-        sent, metrics = run_work("train", arrays, config, context)
-        return ArrayRecord({name: Array(value) for name, value in sent.items()}), MetricRecord(metrics)
-
     if is_secure_fit(msg):
-        return secure_fit_reply(msg, train_here)
-    arrays, metrics = train_here(msg.content["arrays"], msg.content["config"])
+        return secure_fit_reply(msg, lambda arrays, config: arrays_work("train", arrays, config, context))
+    arrays, metrics = arrays_work("train", msg.content["arrays"], msg.content["config"], context)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -50,6 +53,13 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     """The global model's and the client's personal model's metrics on its local test split."""
     metrics = run_work("evaluate", msg.content["arrays"], msg.content["config"], context)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(CALIBRATE_ACTION)
+def class_statistics(msg: Message, context: Context) -> Message:
+    """Class feature statistics under the received adapter, for the server's head calibration."""
+    arrays, metrics = arrays_work("statistics", msg.content["arrays"], msg.content["config"], context)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.query()

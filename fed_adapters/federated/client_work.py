@@ -25,8 +25,9 @@ from ..training import TrainStats, evaluate, label_prior_adjustment, planned_ste
 from .config import RunConfig
 from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
+from .head_calibration import feature_statistics
 from .node_worker import node_state_dir
-from .personalization import Fit, evaluate_client, train_client
+from .personalization import Fit, SharedWire, evaluate_client, train_client
 from .scaffold import train_with_controls
 from .task import ClientSite, client_data, model_and_tokenizer
 
@@ -115,6 +116,7 @@ def train_metrics(stats: TrainStats, num_examples: int) -> MetricRecord:
         "train-loss": stats.loss,
         "train-seconds": stats.seconds,
         "train-steps": stats.steps,
+        "train-examples-seen": stats.examples,  # examples passed through training (num-examples: the shard's size)
         "ray-gpu": _assigned_gpu(),
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     })
@@ -148,4 +150,14 @@ def evaluate_locally(arrays: Arrays, message_config: dict, node: dict, node_id: 
     return record
 
 
-HANDLERS = {"train": train_locally, "evaluate": evaluate_locally}
+def statistics_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int) -> tuple[Arrays, dict]:
+    """Class feature statistics of this client's training split under the received adapter (head calibration)."""
+    config = run_config_from_record(message_config)
+    model, tokenizer = model_and_tokenizer(config)
+    train_set, _ = client_data(config, client_site(node, node_id))
+    SharedWire(config).load(model, ArrayRecord({name: Array(value) for name, value in arrays.items()}))
+    loader = make_loader(train_set, tokenizer, config.train.eval_batch_size, task=config.model.task)
+    return feature_statistics(model, loader, config.model.num_labels, config.train.device), {"num-examples": len(train_set)}
+
+
+HANDLERS = {"train": train_locally, "evaluate": evaluate_locally, "statistics": statistics_locally}

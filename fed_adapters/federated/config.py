@@ -24,6 +24,7 @@ PERSONALIZATION_MODES = ("none", "finetune", "split", "ditto", "fusion")
 PRIVATE_PARTS = ("head", "top_layers", "stacked")
 DP_MODES = ("none", "central")
 LR_SCHEDULES = ("per_round", "across_rounds")
+CALIBRATION_METHODS = ("none", "lda")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
               "scaffold")
 
@@ -240,6 +241,23 @@ class PrivacySection:
 
 
 @dataclass
+class HeadCalibrationSection:
+    """After the last round, the server refits the task head from the clients' class feature statistics
+    (`head_calibration.py`): a remedy for a head biased by label skew."""
+
+    method: str = "none"  # "lda": the shared-covariance Gaussian classifier on the pooled features
+    fraction: float = 1.0  # of the clients asked for their statistics (a seeded draw)
+    shrinkage: float = 0.1  # of the feature covariance toward a multiple of the identity, in [0, 1]
+
+    def __post_init__(self) -> None:
+        _choice("head_calibration.method", self.method, CALIBRATION_METHODS)
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"head_calibration.fraction must lie in (0, 1], got {self.fraction}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ConfigError(f"head_calibration.shrinkage must lie in [0, 1], got {self.shrinkage}")
+
+
+@dataclass
 class SimulationSection:
     num_cpus: float = 1.0  # per virtual client (Ray actor)
     num_gpus: float = 0.0  # per virtual client; 0.25 puts four clients on one GPU
@@ -266,6 +284,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    head_calibration: HeadCalibrationSection = field(default_factory=HeadCalibrationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def __post_init__(self) -> None:
@@ -311,6 +330,7 @@ class RunConfig:
                 f"train.logit_adjustment keeps the client's label prior out of what it trains, but personalization.mode = "
                 f"{p.mode!r} trains private parts in the same pass, which should learn it: use one or the other"
             )
+        self._check_head_calibration()
         if self.partition.local_test_fraction == 0 and p.mode != "none":
             raise ConfigError(
                 f"personalization.mode = {p.mode!r} is judged on each client's local test split, but "
@@ -320,6 +340,28 @@ class RunConfig:
             raise ConfigError(
                 "partition.local_test_fraction = 0 leaves clients no local test split, but strategy.fraction_evaluate = "
                 f"{self.strategy.fraction_evaluate} asks them to evaluate; set one of them differently"
+            )
+
+    def _check_head_calibration(self) -> None:
+        if self.head_calibration.method == "none":
+            return
+        method = f"head_calibration.method = {self.head_calibration.method!r}"
+        if self.model.task != "classification" or self.model.pooling == "model":
+            raise ConfigError(
+                f"{method} refits the pooled-feature classifier of model.task = 'classification' with model.pooling "
+                f"'mean' or 'first'; this run has task {self.model.task!r}, pooling {self.model.pooling!r}: "
+                "set head_calibration.method = 'none'"
+            )
+        if not self.adapter.train_head or self.personalization.mode not in ("none", "finetune"):
+            raise ConfigError(
+                f"{method} refits the shared task head, but adapter.train_head = {self.adapter.train_head} / "
+                f"personalization.mode = {self.personalization.mode!r} keep the head off the wire: use "
+                "adapter.train_head = true with personalization.mode 'none' or 'finetune'"
+            )
+        if self.privacy.dp != "none" or self.privacy.secure_aggregation:
+            raise ConfigError(
+                f"{method} has clients send class feature statistics in the clear, outside the protection of "
+                "privacy.dp / privacy.secure_aggregation: turn those off or set head_calibration.method = 'none'"
             )
 
     @property

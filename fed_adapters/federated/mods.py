@@ -24,6 +24,7 @@ RUN_CONFIG_KEY = "run-config"  # the run's RunConfig as JSON, in every message's
 ROUND_OFFSET_KEY = "round-offset"  # rounds done before a resume: message round + offset = the run's round
 UNIFORM_WEIGHT_KEY = "unit-weight"  # every training reply carries it (= 1); DP runs average by it, i.e. uniformly
 CLIENT_ID_KEY = "client-id"
+CALIBRATE_ACTION = "calibrate"  # query action: class feature statistics for the server's head calibration
 # SCAFFOLD's control variates travel beside the adapter, named CONTROL_PREFIX + the tensor's wire name.
 CONTROL_PREFIX = "scaffold-control/"
 NAMES_KEY = "tensor-names"  # SecAgg+ messages carry tensors as a list: their names travel in the fit config

@@ -13,6 +13,11 @@ def _arrays(message: Message) -> ArrayRecord | None:
     return message.content.array_records.get("arrays") if not message.has_error() else None
 
 
+def global_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The server's evaluation metrics that a record keeps."""
+    return {k: float(v) for k, v in metrics.items() if k in ("accuracy", "loss", "macro_f1", "perplexity")}
+
+
 def tensor_bytes(arrays: ArrayRecord) -> int:
     """Bytes of tensor data alone (numel x itemsize), without serialization headers or key names."""
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
@@ -75,6 +80,7 @@ class RoundRecorder:
             bytes_up=sum(a.count_bytes() for a in arrays),
             tensor_bytes_up=sum(tensor_bytes(a) for a in arrays),
             train_examples=int(examples),
+            train_examples_seen=int(sum(m.get("train-examples-seen", 0) for m in metrics)),
             train_loss=weighted_mean("train-loss"),
             client_train_seconds_max=max((m.get("train-seconds", 0.0) for m in metrics), default=0.0),
             client_train_seconds_sum=sum(m.get("train-seconds", 0.0) for m in metrics),
@@ -100,7 +106,7 @@ class RoundRecorder:
 
     def evaluated(self, server_round: int, metrics: dict[str, float], seconds: float = 0.0) -> None:
         """The server's evaluation (which took `seconds`) closes a round (round 0: the initial adapter)."""
-        keep = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "loss", "macro_f1", "perplexity")}
+        keep = global_metrics(metrics)
         if server_round == 0:
             self.records.append({"round": 0, **keep, "seconds": 0.0, "server_eval_seconds": seconds})
         else:

@@ -49,9 +49,10 @@ def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
 
 
 def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: float, num_clients: int,
-              wire_keys: dict[str, set[str]] | None = None, clients: dict | None = None) -> None:
-    """metrics.json ({"run", "rounds", and "clients": the per-client summary when there is one}), metrics.csv,
-    accuracy.png."""
+              wire_keys: dict[str, set[str]] | None = None, clients: dict | None = None,
+              calibration: dict | None = None) -> None:
+    """metrics.json ({"run", "rounds", and when there is one "clients": the per-client summary,
+    "head_calibration": what calibrating the head after the last round cost and gave}), metrics.csv, accuracy.png."""
     metadata = {
         "run_name": config.run_name,
         "strategy": config.strategy.name,
@@ -67,7 +68,8 @@ def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: fl
     if wire_keys is not None:
         metadata["tensors_down"] = sorted(wire_keys["down"])
         metadata["tensors_up"] = sorted(wire_keys["up"])
-    payload = {"run": metadata, "rounds": records, **({"clients": clients} if clients else {})}
+    payload = {"run": metadata, "rounds": records, **({"clients": clients} if clients else {}),
+               **({"head_calibration": calibration} if calibration else {})}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     present = list(dict.fromkeys(key for record in records for key in record))
     columns = [f for f in ROUND_FIELDS if f in present] + [f for f in present if f not in ROUND_FIELDS]
@@ -75,10 +77,11 @@ def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: fl
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    plot_accuracy(records, run_dir / "accuracy.png", title=f"{config.run_name} ({config.strategy.name}, {num_clients} clients)")
+    plot_accuracy(records, run_dir / "accuracy.png", title=f"{config.run_name} ({config.strategy.name}, {num_clients} clients)",
+                  calibrated=(calibration or {}).get("accuracy"))
 
 
-def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
+def plot_accuracy(records: list[dict], path: Path, title: str, calibrated: float | None = None) -> None:
     metric = "accuracy" if any("accuracy" in r for r in records) else "perplexity"
     rounds = [r["round"] for r in records if metric in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -89,6 +92,9 @@ def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
         if any(key in r for r in records):
             ax.plot([r["round"] for r in records if key in r], [100 * r[key] for r in records if key in r],
                     marker="s", linestyle="--", label=label)
+    if calibrated is not None:
+        ax.plot([rounds[-1]], [100 * calibrated], marker="*", markersize=14, linestyle="none",
+                label="after head calibration")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity")

@@ -19,7 +19,8 @@ from ..training import evaluate, seed_everything
 from . import checkpoints, client_report, results
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY
 from .config import RunConfig, run_config_from_flat
-from .recording import RoundRecorder
+from .head_calibration import calibrate_head, format_calibration
+from .recording import RoundRecorder, global_metrics
 from .secure_aggregation import run_secure_rounds
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
@@ -90,6 +91,13 @@ def run_federation(
             evaluate_fn=evaluate_global,
         ).arrays or initial  # empty when every round was skipped
     wire.load(model, final_arrays)
+    calibration = None
+    if config.head_calibration.method != "none":
+        calibrated, calibration = calibrate_head(grid, config, final_arrays, run_config, num_clients)
+        if calibrated is not None:
+            final_arrays = calibrated
+            wire.load(model, final_arrays)
+            calibration.update(global_metrics(evaluate(model, test_loader, device=config.train.device, amp=config.train.amp)))
     save_adapter(model, run_dir / "adapter")
     if config.partition.local_test_fraction > 0 and config.model.task == "classification":
         final = ConfigRecord({**dict(run_config), "server-round": config.strategy.num_rounds, ROUND_OFFSET_KEY: 0})
@@ -97,9 +105,11 @@ def run_federation(
         client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
     summary = client_report.summarize(recorder.clients) if recorder.clients else None
     results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, num_clients,
-                      recorder.wire_keys, summary)
+                      recorder.wire_keys, summary, calibration)
     if verbose:
         print(results.format_rounds(recorder.records), flush=True)
+        if calibration:
+            print(format_calibration(calibration, recorder.records[-1]), flush=True)
         if summary:
             print(client_report.format_summary(summary), flush=True)
         print(f"results in {run_dir}", flush=True)
