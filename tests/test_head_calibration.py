@@ -21,7 +21,7 @@ from fed_adapters.federated import task
 from fed_adapters.federated.task import ClientSite, build_adapted_model, client_data, shards, tokenized, tokenizer
 from fed_adapters.training import evaluate
 
-CALIBRATE = dict(head_calibration={"method": "lda", "shrinkage": 0.2},
+CALIBRATE = dict(head_calibration={"method": "lda", "shrinkage": 0.2, "fraction": 0.5},
                  strategy={"num_rounds": 2, "fraction_train": 1.0})
 
 
@@ -61,23 +61,24 @@ def test_lda_head_matches_the_textbook_formula_and_refuses_a_missing_label() -> 
         lda_head(np.array([5.0, 0.0]), means, covariance, 0.1)
 
 
-def test_calibrated_federation_saves_the_lda_head_of_all_clients_features(tmp_path, tiny_base, keyword_data) -> None:
+def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_features(tmp_path, tiny_base, keyword_data) -> None:
     config = tiny_config(tmp_path, tiny_base, keyword_data, **CALIBRATE)
     records = simulate(config, verbose=False).records
     metrics = json.loads((config.run_dir / "metrics.json").read_text())
     calibration = metrics["head_calibration"]
-    # Every client was asked and answered; only the three statistics came back, in float64.
+    # Half of the 4 clients were asked and answered; only the three statistics came back, in float64.
     hidden, labels = 32, 2
-    assert calibration["clients_sampled"] == calibration["clients_replied"] == 4
+    asked = calibration["clients"]
+    assert calibration["clients_sampled"] == calibration["clients_replied"] == len(asked) == 2
     assert calibration["tensors_up"] == sorted(STATISTICS)
-    assert calibration["tensor_bytes_up"] == 4 * (labels + labels * hidden + hidden * hidden) * 8
-    assert calibration["examples"] == sum(len(s.train) for s in shards(config)) == sum(calibration["class_counts"])
+    assert calibration["tensor_bytes_up"] == 2 * (labels + labels * hidden + hidden * hidden) * 8
+    assert calibration["examples"] == sum(len(shards(config)[c].train) for c in asked) == sum(calibration["class_counts"])
 
-    # Recompute by hand: the final round's adapter (checkpoint) on every client's training split, merged, LDA.
+    # Recompute by hand: the final round's adapter (checkpoint) on those clients' training splits, merged, LDA.
     model = build_adapted_model(config)
     load_adapter(model, config.run_dir / "checkpoints" / f"round-{config.strategy.num_rounds:03d}")
     parts = []
-    for client in range(4):
+    for client in asked:
         train_set, _ = client_data(config, ClientSite(client))
         parts.append(feature_statistics(model, make_loader(train_set, tokenizer(config.model.name), 64), labels, "cpu"))
     weight, bias = lda_head(*merge_statistics(parts), shrinkage=0.2)

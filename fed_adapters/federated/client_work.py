@@ -154,10 +154,12 @@ def statistics_locally(arrays: Arrays, message_config: dict, node: dict, node_id
     """Class feature statistics of this client's training split under the received adapter (head calibration)."""
     config = run_config_from_record(message_config)
     model, tokenizer = model_and_tokenizer(config)
-    train_set, _ = client_data(config, client_site(node, node_id))
+    site = client_site(node, node_id)
+    train_set, _ = client_data(config, site)
     SharedWire(config).load(model, ArrayRecord({name: Array(value) for name, value in arrays.items()}))
     loader = make_loader(train_set, tokenizer, config.train.eval_batch_size, task=config.model.task)
-    return feature_statistics(model, loader, config.model.num_labels, config.train.device), {"num-examples": len(train_set)}
+    statistics = feature_statistics(model, loader, config.model.num_labels, config.train.device)
+    return statistics, {"num-examples": len(train_set), "partition-id": site.client}
 
 
 HANDLERS = {"train": train_locally, "evaluate": evaluate_locally, "statistics": statistics_locally}

@@ -130,6 +130,7 @@ def collect_statistics(grid: Grid, nodes: list[int], arrays: ArrayRecord, config
     parts = [{name: value.numpy() for name, value in r.content["arrays"].items()} for r in replies]
     return parts, {
         "clients_sampled": len(nodes), "clients_replied": len(replies),
+        "clients": sorted(int(r.content["metrics"]["partition-id"]) for r in replies),
         "bytes_down": sum(q.content["arrays"].count_bytes() for q in questions),
         "bytes_up": sum(r.content["arrays"].count_bytes() for r in replies),
         "tensor_bytes_up": sum(tensor_bytes(r.content["arrays"]) for r in replies),
