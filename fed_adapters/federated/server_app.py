@@ -93,6 +93,9 @@ def run_federation(
     wire.load(model, final_arrays)
     calibration = None
     if config.head_calibration.method != "none":
+        if verbose:
+            print(f"head calibration: {config.head_calibration.fraction:.0%} of the clients compute class feature statistics",
+                  flush=True)
         calibrated, calibration = calibrate_head(grid, config, final_arrays, run_config, num_clients)
         if calibrated is not None:
             final_arrays = calibrated
