@@ -79,7 +79,7 @@ def merge_statistics(parts: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np
 
 def lda_head(counts: np.ndarray, means: np.ndarray, covariance: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
     """Weight (labels x hidden) and bias of the LDA classifier: w_c = S^-1 mu_c, b_c = -mu_c S^-1 mu_c / 2 + log p_c,
-    with S shrunk toward a multiple of the identity (Ledoit-Wolf style) so few examples still give a stable inverse."""
+    with S shrunk by `shrinkage` toward (trace S / hidden) I, so that few examples still give a stable inverse."""
     missing = [label for label, n in enumerate(counts) if n == 0]
     if missing:
         raise CalibrationError(
