@@ -64,6 +64,8 @@ def test_lda_head_matches_the_textbook_formula_and_refuses_a_missing_label() -> 
 def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_features(tmp_path, tiny_base, keyword_data) -> None:
     config = tiny_config(tmp_path, tiny_base, keyword_data, **CALIBRATE)
     records = simulate(config, verbose=False).records
+    # Rounds count the examples trained on apart from the shards' sizes: 3 local epochs each.
+    assert all(r["train_examples_seen"] == 3 * r["train_examples"] > 0 for r in records[1:])
     metrics = json.loads((config.run_dir / "metrics.json").read_text())
     calibration = metrics["head_calibration"]
     # Half of the 4 clients were asked and answered; only the three statistics came back, in float64.
