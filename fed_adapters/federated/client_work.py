@@ -38,6 +38,11 @@ def run_config_from_record(message_config: ConfigRecord | dict) -> RunConfig:
     return from_mapping(RunConfig, json.loads(str(message_config[RUN_CONFIG_KEY])))
 
 
+def as_record(arrays: Arrays) -> ArrayRecord:
+    """A message's tensors again, as the wire and the personalization modes take them."""
+    return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
 def client_site(node: dict, node_id: int) -> ClientSite:
     """The client this node serves: a partition of the run's data (simulation) or the node's own data file.
 
@@ -60,7 +65,7 @@ def train_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int
     site = client_site(node, node_id)
     fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
     setup = time.perf_counter() - started
-    received = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    received = as_record(arrays)
     train_round = train_with_controls if config.strategy.name == "scaffold" else train_client
     sent, stats = train_round(model, config, received, site.store(config), site.client, fit)
     metrics = dict(train_metrics(stats, len(client_data(config, site)[0])))
@@ -142,7 +147,7 @@ def evaluate_locally(arrays: Arrays, message_config: dict, node: dict, node_id: 
         return evaluate(model, loader, device=t.device, amp=t.amp)
 
     fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
-    received = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    received = as_record(arrays)
     global_metrics, personal = evaluate_client(model, config, received, site.store(config), site.client, evaluate_now, fit)
     record = {"num-examples": len(test_set), "partition-id": site.client}
     for prefix, metrics in (("", global_metrics), ("personal-", personal)):
@@ -156,7 +161,7 @@ def statistics_locally(arrays: Arrays, message_config: dict, node: dict, node_id
     model, tokenizer = model_and_tokenizer(config)
     site = client_site(node, node_id)
     train_set, _ = client_data(config, site)
-    SharedWire(config).load(model, ArrayRecord({name: Array(value) for name, value in arrays.items()}))
+    SharedWire(config).load(model, as_record(arrays))
     loader = make_loader(train_set, tokenizer, config.train.eval_batch_size, task=config.model.task)
     statistics = feature_statistics(model, loader, config.model.num_labels, config.train.device)
     return statistics, {"num-examples": len(train_set), "partition-id": site.client}

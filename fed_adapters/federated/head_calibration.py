@@ -28,7 +28,7 @@ from ..training import resolve_device
 from .config import RunConfig
 from .mods import CALIBRATE_ACTION
 from .recording import tensor_bytes
-from .strategies import identify_clients
+from .strategies import ClientOrderedGrid, identify_clients
 
 STATISTICS = ("class-counts", "class-means", "within-scatter")
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "classifier.weight", HEAD_PREFIX + "classifier.bias"  # PooledClassifier's
@@ -116,7 +116,7 @@ def calibrate_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, message_c
 def calibration_nodes(grid: Grid, fraction: float, seed: int, client_of: dict[int, int]) -> list[int]:
     """A seeded draw of `fraction` of the connected nodes (at least one), taken in client order: Flower
     numbers nodes afresh in every run, the clients they serve stay the same."""
-    nodes = sorted(grid.get_node_ids(), key=lambda node: (client_of.get(node, 2**62), node))
+    nodes = ClientOrderedGrid(grid, client_of).get_node_ids()
     wanted = max(1, round(fraction * len(nodes)))
     return sorted(random.Random(seed * 1_000_003 + 7).sample(nodes, wanted)) if wanted < len(nodes) else nodes
 
