@@ -26,6 +26,7 @@ from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import RunConfig, load_run_config, run_config_from_flat
 from fed_adapters.federated.simulation import backend_config, simulate
 from fed_adapters.federated.client_work import local_fit
+from fed_adapters.federated.sampling import shuffled_participants
 from fed_adapters.federated.task import ClientSite, build_adapted_model, model_and_tokenizer, tokenizer
 from fed_adapters.modeling import load_model, load_tokenizer
 
@@ -146,6 +147,31 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_pat
     assert bias_gap[1.0] < 0.2 * bias_gap[0.0]  # plain training learns "everything is my label" into the head
 
 
+@pytest.mark.parametrize("num_clients, per_round", [(4, 2), (5, 2), (7, 3), (3, 3)])
+def test_shuffled_passes_train_every_client_once_per_pass(num_clients: int, per_round: int) -> None:
+    rounds = 4 * num_clients  # per_round whole passes over the clients
+    schedule = [shuffled_participants(num_clients, per_round, r, seed=11) for r in range(1, rounds + 1)]
+    assert all(len(set(clients)) == per_round for clients in schedule)  # nobody twice in a round
+    stream = [c for clients in schedule for c in clients]
+    for start in range(0, len(stream), num_clients):  # each pass holds every client once
+        assert sorted(stream[start:start + num_clients]) == list(range(num_clients)), (start, stream)
+    assert schedule == [shuffled_participants(num_clients, per_round, r, seed=11) for r in range(1, rounds + 1)]
+    assert schedule != [shuffled_participants(num_clients, per_round, r, seed=12) for r in range(1, rounds + 1)] or per_round == num_clients
+    with pytest.raises(ValueError, match="cannot take 4 of 3 clients"):
+        shuffled_participants(3, 4, 1, seed=0)
+
+
+def test_shuffled_sampling_trains_each_client_equally_in_a_simulation(tmp_path, tiny_base, keyword_data) -> None:
+    """5 clients, 2 per round, 5 rounds: uniform draws would leave some clients out; passes train each exactly twice."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"num_clients": 5},
+                         strategy={"num_rounds": 5, "fraction_train": 0.4, "sampling": "shuffled"}, train={"local_epochs": 1})
+    records = simulate(config, verbose=False).records[1:]
+    trained = [r["train_clients"] for r in records]
+    assert trained == [sorted(shuffled_participants(5, 2, r, seed=0)) for r in range(1, 6)]
+    assert all(r["clients_sampled"] == r["clients_replied"] == 2 for r in records)
+    assert sorted(c for clients in trained for c in clients) == sorted(list(range(5)) * 2)
+
+
 @pytest.mark.parametrize("toml, message", [
     ("[train]\nlearning_rate = 0.1\n", "unknown key 'train.learning_rate'; valid keys here: batch_size, eval_batch_size, lr,"),
     ("[strategy]\nnum_rounds = 'three'\n", "strategy.num_rounds must be int, got str 'three'"),
@@ -161,6 +187,9 @@ def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_pat
     ("[train]\noptimizer = 'lion'\n", "unknown optimizer 'lion'; valid: adamw, sgd"),
     ("[train]\nhead_lr = -0.5\n", "head_lr must be >= 0 \\(0 = the same as lr\\), got -0.5"),
     ("[train]\nlr_schedule = 'cosine'\n", "train.lr_schedule = 'cosine' is not one of per_round, across_rounds"),
+    ("[strategy]\nsampling = 'cyclic'\n", "strategy.sampling = 'cyclic' is not one of uniform, shuffled"),
+    ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",
+     "SecAgg\\+ workflow, which draws each round's clients itself; strategy.sampling = 'shuffled'"),
 ])
 def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path = tmp_path / "bad.toml"

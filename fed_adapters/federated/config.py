@@ -25,6 +25,8 @@ PRIVATE_PARTS = ("head", "top_layers", "stacked")
 DP_MODES = ("none", "central")
 LR_SCHEDULES = ("per_round", "across_rounds")
 CALIBRATION_METHODS = ("none", "lda")
+# uniform: Flower's draw, independent every round; shuffled: every client once per pass over the clients.
+SAMPLINGS = ("uniform", "shuffled")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
               "scaffold")
 
@@ -135,6 +137,10 @@ class StrategySection:
     num_rounds: int = 3
     fraction_train: float = 1.0
     min_train_clients: int = 2
+    # Which clients train in a round when fraction_train < 1. "uniform": a fresh seeded draw every round, so over
+    # a run some clients train far more often than others; "shuffled": passes over all clients in a new seeded
+    # order each pass, every client training once per pass - the federated counterpart of a centralized epoch.
+    sampling: str = "uniform"
     fraction_evaluate: float = 1.0
     min_evaluate_clients: int = 2
     proximal_mu: float = 0.0  # FedProx
@@ -151,6 +157,7 @@ class StrategySection:
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGIES)
+        _choice("strategy.sampling", self.sampling, SAMPLINGS)
         _at_least("strategy.num_rounds", self.num_rounds, 1)
         _at_least("strategy.krum_malicious", self.krum_malicious, 0)
         _at_least("strategy.krum_select", self.krum_select, 0)
@@ -293,6 +300,11 @@ class RunConfig:
             raise ConfigError(
                 "privacy.secure_aggregation = true computes FedAvg's sum through SecAgg+; it combines with neither "
                 f"strategy.name = {self.strategy.name!r} (use 'fedavg') nor privacy.dp = {self.privacy.dp!r} (use 'none')"
+            )
+        if self.privacy.secure_aggregation and self.strategy.sampling != "uniform":
+            raise ConfigError(
+                "privacy.secure_aggregation = true runs Flower's SecAgg+ workflow, which draws each round's clients "
+                f"itself; strategy.sampling = {self.strategy.sampling!r} cannot apply there: use 'uniform'"
             )
         if self.privacy.secure_aggregation and self.strategy.min_train_clients < 3:
             raise ConfigError(

@@ -28,7 +28,7 @@ from ..training import resolve_device
 from .config import RunConfig
 from .mods import CALIBRATE_ACTION
 from .recording import tensor_bytes
-from .strategies import ClientOrderedGrid, identify_clients
+from .sampling import ClientOrderedGrid, identify_clients
 
 STATISTICS = ("class-counts", "class-means", "within-scatter")
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "classifier.weight", HEAD_PREFIX + "classifier.bias"  # PooledClassifier's

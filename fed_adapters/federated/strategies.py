@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -22,13 +22,13 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from .config import RunConfig
-from .mods import CLIENT_ID_KEY, UNIFORM_WEIGHT_KEY
+from .mods import UNIFORM_WEIGHT_KEY
 from .privacy import clients_per_round, with_privacy
 from .validation import LOG, screen
 from .recording import RoundRecorder
+from .sampling import ClientOrderedGrid, identify_clients, shuffled_participants
 from .scaffold import Scaffold
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
@@ -50,11 +50,13 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     """`base` with its message traffic reported to a RoundRecorder (bytes, tensor names, replies, failures)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, **kwargs) -> None:
+        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, shuffled: bool = False,
+                     **kwargs) -> None:
             super().__init__(**kwargs)
             self.recorder = recorder
             self.max_update_norm = max_update_norm
             self.seed = seed
+            self.shuffled = shuffled  # training rounds walk through passes over the clients (strategy.sampling)
             self.global_arrays = ArrayRecord()
             self.client_of: dict[int, int] = {}
 
@@ -69,6 +71,14 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             random.seed(self.seed * 1_000_003 + 2 * run_round + phase)
             return ClientOrderedGrid(grid, self.client_of)
 
+        def shuffled_round(self, grid: Grid, run_round: int) -> Grid:
+            """A grid of only this round's clients under shuffled passes: the strategy, told to take all of it
+            (`taking_all`), trains exactly them through its own configure_train (FedProx's mu, SCAFFOLD's controls)."""
+            clients = sorted(set(self.client_of.values()))  # partition ids in simulation, any client-id deployed
+            per_round = max(int(len(grid.get_node_ids()) * self.fraction_train), self.min_train_nodes)
+            chosen = shuffled_participants(len(clients), min(per_round, len(clients)), run_round, self.seed)
+            return ClientOrderedGrid(grid, self.client_of, only={clients[i] for i in chosen})
+
         def run_round(self, server_round: int) -> int:
             """Flower counts a resumed run's rounds from 1 again; strategies (FedAdam's bias correction) and
             clients (seeds) must see the run's round."""
@@ -76,9 +86,17 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
             self.global_arrays = arrays  # what every update is checked against
-            grid = self.sampling(grid, self.run_round(server_round), self.fraction_train, phase=0)
-            messages = list(super().configure_train(self.run_round(server_round), arrays, config, grid))
+            run_round = self.run_round(server_round)
+            grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
+            if self.shuffled and 0.0 < self.fraction_train < 1.0:
+                grid = self.shuffled_round(grid, run_round)
+                with taking_all(self):
+                    messages = list(super().configure_train(run_round, arrays, config, grid))
+            else:
+                messages = list(super().configure_train(run_round, arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="train")
+            if self.client_of:  # partial participation: who was asked to train
+                self.recorder.note(train_clients=sorted(self.client_of[m.metadata.dst_node_id] for m in messages))
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -110,6 +128,18 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     return Recording
 
 
+@contextmanager
+def taking_all(strategy: Strategy) -> Iterator[None]:
+    """Flower's strategies train `fraction_train` of the grid's nodes, waiting for `min_available_nodes`; for
+    a grid that lists only the chosen clients, both must mean "all of them"."""
+    saved = strategy.fraction_train, strategy.min_available_nodes
+    strategy.fraction_train, strategy.min_available_nodes = 1.0, 0
+    try:
+        yield
+    finally:
+        strategy.fraction_train, strategy.min_available_nodes = saved
+
+
 def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
     """`arrays` in the dtypes of `reference`: server optimizers (FedAdam & co.) compute in float64, and the
     adapter must not change dtype (or double its bytes) on the wire."""
@@ -117,28 +147,6 @@ def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | N
         return None
     return ArrayRecord({name: Array(np.asarray(value.numpy(), dtype=reference[name].dtype) if name in reference else value.numpy())
                         for name, value in arrays.items()})
-
-
-class ClientOrderedGrid:
-    """A Grid whose node ids come in the order of the clients they serve."""
-
-    def __init__(self, grid: Grid, client_of: dict[int, int]) -> None:
-        self._grid = grid
-        self._client_of = client_of
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda node: (self._client_of.get(node, 2**62), node))
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
-def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """node id -> client id, asked of every node once `expected` nodes are connected."""
-    nodes, _ = sample_nodes(grid, expected, expected)
-    questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    replies = grid.send_and_receive(questions, timeout=timeout)
-    return {r.metadata.src_node_id: int(r.content["metrics"][CLIENT_ID_KEY]) for r in replies if not r.has_error()}
 
 
 def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) -> Strategy:
@@ -167,5 +175,6 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
                           or max(1, clients_per_round(config, num_clients) - s.krum_malicious)),
         "scaffold": dict(num_clients=num_clients, server_lr=s.server_lr or 1.0),
     }
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, **common, **specific.get(s.name, {}))
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, s.sampling == "shuffled",
+                                                    **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)

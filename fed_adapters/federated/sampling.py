@@ -1,0 +1,64 @@
+"""Which clients take part in a round: views of Flower's Grid that make its draws repeatable, and shuffled passes.
+
+Flower gives nodes random ids in every run and its strategies draw `fraction_train` of whatever the Grid lists,
+so a seed alone does not fix who trains. Listing nodes in client order makes the (seeded) draw repeatable;
+listing only the clients a schedule chose makes the strategy train exactly those.
+"""
+
+from __future__ import annotations
+
+import random
+
+from flwr.app import Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from .mods import CLIENT_ID_KEY
+
+
+class ClientOrderedGrid:
+    """A Grid whose node ids come in the order of the clients they serve (optionally only some of them)."""
+
+    def __init__(self, grid: Grid, client_of: dict[int, int], only: set[int] | None = None) -> None:
+        self._grid = grid
+        self._client_of = client_of
+        self._only = only
+
+    def get_node_ids(self) -> list[int]:
+        nodes = self._grid.get_node_ids()
+        if self._only is not None:
+            nodes = [node for node in nodes if self._client_of.get(node) in self._only]
+        return sorted(nodes, key=lambda node: (self._client_of.get(node, 2**62), node))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+    """node id -> client id, asked of every node once `expected` nodes are connected."""
+    nodes, _ = sample_nodes(grid, expected, expected)
+    questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    replies = grid.send_and_receive(questions, timeout=timeout)
+    return {r.metadata.src_node_id: int(r.content["metrics"][CLIENT_ID_KEY]) for r in replies if not r.has_error()}
+
+
+def shuffled_participants(num_clients: int, per_round: int, run_round: int, seed: int) -> list[int]:
+    """The clients of `run_round` (from 1) when rounds walk through passes over all clients.
+
+    Each pass is a seeded permutation of the clients; round r takes the next `per_round` of the stream of
+    passes, so every client trains exactly once per pass (as every example is seen once per centralized epoch)
+    instead of as often as independent draws happen to pick it. Where a round straddles two passes, the clients
+    it already holds move to the end of the next pass: nobody trains twice in one round. A function of
+    (seed, round) alone, so a resumed run continues the same schedule.
+    """
+    if not 1 <= per_round <= num_clients:
+        raise ValueError(f"cannot take {per_round} of {num_clients} clients per round")
+    stream: list[int] = []
+    passes = 0
+    while len(stream) < run_round * per_round:
+        order = random.Random(seed * 1_000_003 + passes).sample(range(num_clients), num_clients)
+        open_round = set(stream[len(stream) - len(stream) % per_round:])
+        stream += [c for c in order if c not in open_round] + [c for c in order if c in open_round]
+        passes += 1
+    return stream[(run_round - 1) * per_round: run_round * per_round]
