@@ -117,6 +117,7 @@ def train(
     schedule_steps: int | None = None,
     logit_adjustment: torch.Tensor | None = None,
     grad_correction: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
     device: str | torch.device = "auto",
     amp: str = "auto",
     progress: bool = False,
@@ -129,7 +130,9 @@ def train(
     `label_prior_adjustment`) is added to the logits inside the training loss only. `head_lr` gives the task
     head (`head_parameter_names`) its own peak learning rate; the schedule scales both alike.
     `grad_correction` (parameter name -> tensor) is added to those parameters' gradients after clipping, at
-    every step: SCAFFOLD's c - c_i.
+    every step: SCAFFOLD's c - c_i. `optimizer_state` (in and out, "<parameter>/<state key>" -> tensor) lets
+    the optimizer continue where an earlier call left it (a federated client's AdamW moments across its rounds):
+    its entries are loaded before the first step and replaced by the state after the last.
 
     SGD's step shrinks with the gradient, so a client whose data the model already fits (a one-label client
     once it predicts that label) stops moving; AdamW's normalised step keeps its size, which under label skew
@@ -146,6 +149,8 @@ def train(
     parameters = _parameter_groups(model, named, head_lr)
     step_rule = (torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
                  else torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay))
+    if optimizer_state:
+        _load_optimizer_state(step_rule, named, optimizer_state)
     span = schedule_steps or total_steps
     warmup = int(warmup_ratio * span)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -186,6 +191,10 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / step:.4f}")
     if bar is not None:
         bar.close()
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update({f"{name}/{key}": value.detach().cpu().clone()
+                                for name, param in named for key, value in step_rule.state.get(param, {}).items()})
     return TrainStats(loss_sum / max(step, 1), step, examples, time.perf_counter() - start, schedule_sum)
 
 
@@ -277,6 +286,24 @@ def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], h
     groups = [{"params": [p for n, p in named if n not in head]},
               {"params": [p for n, p in named if n in head], "lr": head_lr}]
     return [g for g in groups if g["params"]]
+
+
+def _load_optimizer_state(step_rule: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]],
+                          saved: dict[str, torch.Tensor]) -> None:
+    """Puts saved per-parameter state back through `load_state_dict`, which places each tensor as the
+    optimizer expects (moments on the parameter's device, AdamW's step count on the CPU)."""
+    current = step_rule.state_dict()
+    index = {id(p): i for i, p in enumerate(p for group in step_rule.param_groups for p in group["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, param in named:
+        entries = {key.rpartition("/")[2]: value for key, value in saved.items() if key.rpartition("/")[0] == name}
+        for key, value in entries.items():
+            if value.dim() and value.shape != param.shape:
+                raise ValueError(f"saved optimizer state {name}/{key} has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(param.shape)}: it belongs to another model or adapter")
+        if entries:
+            state[index[id(param)]] = entries
+    step_rule.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def _linear_schedule(step: int, warmup: int, total: int) -> float:

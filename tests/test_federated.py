@@ -172,6 +172,18 @@ def test_shuffled_sampling_trains_each_client_equally_in_a_simulation(tmp_path, 
     assert sorted(c for clients in trained for c in clients) == sorted(list(range(5)) * 2)
 
 
+def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, keyword_data) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 2},
+                         train={"local_steps": 3, "keep_optimizer_state": True})
+    simulate(config, verbose=False)
+    model, _ = model_and_tokenizer(config)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    for client in range(4):
+        state = load_file(str(config.run_dir / "clients" / "optimizer" / f"client-{client:05d}.safetensors"))
+        assert sorted(state) == sorted(f"{n}/{k}" for n in trained for k in ("exp_avg", "exp_avg_sq", "step"))
+        assert {float(state[f"{n}/step"]) for n in trained} == {6.0}  # 3 steps in each of 2 rounds: one AdamW run
+
+
 @pytest.mark.parametrize("toml, message", [
     ("[train]\nlearning_rate = 0.1\n", "unknown key 'train.learning_rate'; valid keys here: batch_size, eval_batch_size, lr,"),
     ("[strategy]\nnum_rounds = 'three'\n", "strategy.num_rounds must be int, got str 'three'"),
@@ -187,6 +199,10 @@ def test_shuffled_sampling_trains_each_client_equally_in_a_simulation(tmp_path, 
     ("[train]\noptimizer = 'lion'\n", "unknown optimizer 'lion'; valid: adamw, sgd"),
     ("[train]\nhead_lr = -0.5\n", "head_lr must be >= 0 \\(0 = the same as lr\\), got -0.5"),
     ("[train]\nlr_schedule = 'cosine'\n", "train.lr_schedule = 'cosine' is not one of per_round, across_rounds"),
+    ("[train]\noptimizer = 'sgd'\nkeep_optimizer_state = true\n",
+     "train.keep_optimizer_state keeps AdamW's moments, but train.optimizer = 'sgd' keeps no state"),
+    ("[train]\nkeep_optimizer_state = true\n[personalization]\nmode = 'ditto'\n",
+     "personalization.mode = 'ditto' trains private parts in the same pass: use one or the other"),
     ("[strategy]\nsampling = 'cyclic'\n", "strategy.sampling = 'cyclic' is not one of uniform, shuffled"),
     ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",
      "SecAgg\\+ workflow, which draws each round's clients itself; strategy.sampling = 'shuffled'"),

@@ -57,6 +57,37 @@ def test_a_call_can_run_one_slice_of_a_longer_schedule() -> None:
     assert second_half == pytest.approx([0.5, 0.375, 0.25, 0.125])  # steps 4..7 of an 8-step decay
 
 
+def test_kept_optimizer_state_makes_two_calls_one_run() -> None:
+    """Two one-epoch calls that carry AdamW's state (and one schedule) end where one two-epoch call does;
+    without the state the second call's AdamW starts afresh and ends elsewhere."""
+    loader = DataLoader(_keyword_task(48, 0), batch_size=16)
+    schedule = dict(lr=1e-2, warmup_ratio=0.0, device="cpu")
+
+    def trained(split: bool, keep: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model("bert", num_labels=2)
+        add_adapter(model, AdapterConfig(bottleneck_size=8))
+        disable_dropout(model)
+        if split:
+            state: dict[str, torch.Tensor] | None = {} if keep else None
+            train(model, loader, epochs=1, schedule_steps=6, optimizer_state=state, **schedule)
+            if keep:
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                assert sorted(state) == sorted(f"{n}/{k}" for n in names for k in ("exp_avg", "exp_avg_sq", "step"))
+                assert all(float(state[f"{n}/step"]) == 3 for n in names)
+            train(model, loader, epochs=1, schedule_start=3, schedule_steps=6, optimizer_state=state, **schedule)
+        else:
+            train(model, loader, epochs=2, **schedule)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, kept, fresh = trained(False, False), trained(True, True), trained(True, False)
+    assert all(torch.allclose(whole[n], kept[n], atol=1e-6) for n in whole)
+    assert max(float((whole[n] - fresh[n]).abs().max()) for n in whole) > 1e-3
+    other = tiny_model("bert", num_labels=2)
+    add_adapter(other, AdapterConfig(bottleneck_size=4))
+    with pytest.raises(ValueError, match="saved optimizer state .* has shape .* belongs to another model or adapter"):
+        train(other, loader, epochs=1, optimizer_state={f"{n}/exp_avg": v for n, v in kept.items()}, **schedule)
+
+
 def test_label_prior_adjustment_is_tau_times_the_smoothed_log_prior() -> None:
     # counts 3, 0, 1 -> add-one smoothed 4, 1, 2 of 7
     assert label_prior_adjustment([0, 2, 0, 0], 3, 0.5).tolist() == pytest.approx([0.5 * math.log(p) for p in (4 / 7, 1 / 7, 2 / 7)])

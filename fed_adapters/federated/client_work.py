@@ -96,6 +96,7 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
     adjustment = None
     if t.logit_adjustment:
         adjustment = label_prior_adjustment(train_set["labels"], config.model.num_labels, t.logit_adjustment)
+    moments = site.optimizer_store(config) if t.keep_optimizer_state else None
 
     def fit(max_steps: int | None = None, prox_mu: float | None = None, prox_reference: dict | None = None,
             grad_correction: dict | None = None) -> TrainStats:
@@ -106,10 +107,19 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
         if round_training and t.lr_schedule == "across_rounds":
             steps = planned_steps(loader, t.local_epochs, t.local_steps or None)
             schedule = dict(schedule_start=(server_round - 1) * steps, schedule_steps=config.strategy.num_rounds * steps)
-        return train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None, **schedule,
-                     **t.train_kwargs(), logit_adjustment=adjustment if round_training else None,
-                     prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference,
-                     grad_correction=grad_correction)
+        state = (moments.load(site.client) or {}) if moments is not None and round_training else None
+        try:
+            stats = train(model, loader, epochs=t.local_epochs, max_steps=max_steps or t.local_steps or None, **schedule,
+                          **t.train_kwargs(), logit_adjustment=adjustment if round_training else None,
+                          prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference,
+                          grad_correction=grad_correction, optimizer_state=state)
+        except ValueError as error:
+            if state is None or "saved optimizer state" not in str(error):
+                raise
+            raise ValueError(f"{error} ({moments.path(site.client)}); delete the file to restart that client's optimizer") from None
+        if state is not None:
+            moments.save(site.client, state)
+        return stats
 
     return fit
 

@@ -178,10 +178,16 @@ class TrainSection(Optimization):
     # Classification: tau x log(the client's own label frequencies) added to the logits in local training
     # (logit adjustment / FedLC, for label-skewed clients; pair with optimizer = "sgd"); 0 = off, 1 = the usual strength.
     logit_adjustment: float = 0.0
+    # AdamW's moments survive between a client's rounds (in its private state) instead of starting afresh each
+    # round, when a fresh AdamW's first steps move every coordinate by about lr, whatever its gradient.
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.keep_optimizer_state and self.optimizer != "adamw":
+            raise ConfigError(f"train.keep_optimizer_state keeps AdamW's moments, but train.optimizer = {self.optimizer!r} "
+                              "keeps no state: set it to false or use optimizer 'adamw'")
         if self.logit_adjustment < 0:
             raise ConfigError(f"train.logit_adjustment must be >= 0 (0 = off), got {self.logit_adjustment}")
 
@@ -342,6 +348,11 @@ class RunConfig:
                 f"train.logit_adjustment keeps the client's label prior out of what it trains, but personalization.mode = "
                 f"{p.mode!r} trains private parts in the same pass, which should learn it: use one or the other"
             )
+        if self.train.keep_optimizer_state and p.mode not in ("none", "finetune"):
+            raise ConfigError(
+                f"train.keep_optimizer_state keeps the moments of the shared adapter's training, but personalization.mode = "
+                f"{p.mode!r} trains private parts in the same pass: use one or the other"
+            )
         self._check_head_calibration()
         if self.partition.local_test_fraction == 0 and p.mode != "none":
             raise ConfigError(
@@ -382,8 +393,9 @@ class RunConfig:
 
     @property
     def keeps_client_state(self) -> bool:
-        """Whether clients keep tensors of their own between rounds (private parts, SCAFFOLD's control variates)."""
-        return self.personalization.mode != "none" or self.strategy.name == "scaffold"
+        """Whether clients keep tensors of their own between rounds (private parts, SCAFFOLD's control variates,
+        optimizer moments)."""
+        return self.personalization.mode != "none" or self.strategy.name == "scaffold" or self.train.keep_optimizer_state
 
     @property
     def private_state_dir(self) -> Path:

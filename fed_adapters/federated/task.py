@@ -104,6 +104,10 @@ class ClientSite:
     def store(self, config: RunConfig) -> PrivateStore:
         return PrivateStore(self.state_dir or config.private_state_dir)
 
+    def optimizer_store(self, config: RunConfig) -> PrivateStore:
+        """Where `train.keep_optimizer_state` keeps this client's optimizer moments, beside its private state."""
+        return PrivateStore(Path(self.state_dir or config.private_state_dir) / "optimizer")
+
 
 def node_shard(config: RunConfig, site: ClientSite) -> ClientShard:
     """A SuperNode's own data split into local train and test, as a partition would be."""
