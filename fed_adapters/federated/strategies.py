@@ -95,8 +95,8 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             else:
                 messages = list(super().configure_train(run_round, arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="train")
-            if self.client_of:  # partial participation: who was asked to train
-                self.recorder.note(train_clients=sorted(self.client_of[m.metadata.dst_node_id] for m in messages))
+            if self.client_of:  # partial participation: who was asked to train (-1: a node that joined later)
+                self.recorder.note(train_clients=sorted(self.client_of.get(m.metadata.dst_node_id, -1) for m in messages))
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
