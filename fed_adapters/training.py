@@ -288,6 +288,10 @@ def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], h
     return [g for g in groups if g["params"]]
 
 
+class OptimizerStateError(ValueError):
+    """Saved optimizer state that does not fit the model being trained."""
+
+
 def _load_optimizer_state(step_rule: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]],
                           saved: dict[str, torch.Tensor]) -> None:
     """Puts saved per-parameter state back through `load_state_dict`, which places each tensor as the
@@ -299,7 +303,7 @@ def _load_optimizer_state(step_rule: torch.optim.Optimizer, named: list[tuple[st
         entries = {key.rpartition("/")[2]: value for key, value in saved.items() if key.rpartition("/")[0] == name}
         for key, value in entries.items():
             if value.dim() and value.shape != param.shape:
-                raise ValueError(f"saved optimizer state {name}/{key} has shape {tuple(value.shape)}, the parameter "
+                raise OptimizerStateError(f"saved optimizer state {name}/{key} has shape {tuple(value.shape)}, the parameter "
                                  f"{tuple(param.shape)}: it belongs to another model or adapter")
         if entries:
             state[index[id(param)]] = entries

@@ -21,7 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..configuration import from_mapping
 from ..data import make_loader
-from ..training import TrainStats, evaluate, label_prior_adjustment, planned_steps, seed_everything, train
+from ..training import (
+    OptimizerStateError, TrainStats, evaluate, label_prior_adjustment, planned_steps, seed_everything, train,
+)
 from .config import RunConfig
 from ..deploy.processes import stat_fields
 from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_id
@@ -113,10 +115,9 @@ def local_fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunC
                           **t.train_kwargs(), logit_adjustment=adjustment if round_training else None,
                           prox_mu=strategy_mu if prox_mu is None else prox_mu, prox_reference=prox_reference,
                           grad_correction=grad_correction, optimizer_state=state)
-        except ValueError as error:
-            if state is None or "saved optimizer state" not in str(error):
-                raise
-            raise ValueError(f"{error} ({moments.path(site.client)}); delete the file to restart that client's optimizer") from None
+        except OptimizerStateError as error:
+            raise OptimizerStateError(f"{error} ({moments.path(site.client)}); delete the file to restart that client's "
+                                      "optimizer") from None
         if state is not None:
             moments.save(site.client, state)
         return stats

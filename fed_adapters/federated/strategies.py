@@ -50,13 +50,14 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     """`base` with its message traffic reported to a RoundRecorder (bytes, tensor names, replies, failures)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, shuffled: bool = False,
+        def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, shuffled_per_round: int = 0,
                      **kwargs) -> None:
             super().__init__(**kwargs)
             self.recorder = recorder
             self.max_update_norm = max_update_norm
             self.seed = seed
-            self.shuffled = shuffled  # training rounds walk through passes over the clients (strategy.sampling)
+            # > 0: training rounds take this many clients from passes over all clients (strategy.sampling)
+            self.shuffled_per_round = shuffled_per_round
             self.global_arrays = ArrayRecord()
             self.client_of: dict[int, int] = {}
 
@@ -75,8 +76,7 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             """A grid of only this round's clients under shuffled passes: the strategy, told to take all of it
             (`taking_all`), trains exactly them through its own configure_train (FedProx's mu, SCAFFOLD's controls)."""
             clients = sorted(set(self.client_of.values()))  # partition ids in simulation, any client-id deployed
-            per_round = max(int(len(grid.get_node_ids()) * self.fraction_train), self.min_train_nodes)
-            chosen = shuffled_participants(len(clients), min(per_round, len(clients)), run_round, self.seed)
+            chosen = shuffled_participants(len(clients), min(self.shuffled_per_round, len(clients)), run_round, self.seed)
             return ClientOrderedGrid(grid, self.client_of, only={clients[i] for i in chosen})
 
         def run_round(self, server_round: int) -> int:
@@ -88,7 +88,7 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             self.global_arrays = arrays  # what every update is checked against
             run_round = self.run_round(server_round)
             grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
-            if self.shuffled and 0.0 < self.fraction_train < 1.0:
+            if self.shuffled_per_round and 0.0 < self.fraction_train < 1.0:
                 grid = self.shuffled_round(grid, run_round)
                 with taking_all(self):
                     messages = list(super().configure_train(run_round, arrays, config, grid))
@@ -175,6 +175,7 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
                           or max(1, clients_per_round(config, num_clients) - s.krum_malicious)),
         "scaffold": dict(num_clients=num_clients, server_lr=s.server_lr or 1.0),
     }
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, s.sampling == "shuffled",
+    shuffled_per_round = clients_per_round(config, num_clients) if s.sampling == "shuffled" else 0
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round,
                                                     **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)

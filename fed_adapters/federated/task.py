@@ -106,7 +106,7 @@ class ClientSite:
 
     def optimizer_store(self, config: RunConfig) -> PrivateStore:
         """Where `train.keep_optimizer_state` keeps this client's optimizer moments, beside its private state."""
-        return PrivateStore(Path(self.state_dir or config.private_state_dir) / "optimizer")
+        return PrivateStore(self.store(config).directory / "optimizer")
 
 
 def node_shard(config: RunConfig, site: ClientSite) -> ClientShard:
