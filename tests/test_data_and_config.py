@@ -78,6 +78,18 @@ def test_tokenization_pairs_labels_and_dynamic_padding(tokenizer) -> None:
     assert batches[1]["input_ids"].shape == (1, lengths[2])
 
 
+def test_tokenized_cache_is_keyed_by_every_setting(tmp_path, tokenizer) -> None:
+    """A file-backed set's tokenization is cached on disk under our fingerprint: a changed setting must miss it."""
+    _write(tmp_path / "set", "jsonl")
+    dataset = load_split(str(tmp_path / "set"), "train")
+    long, again = (tokenize_dataset(dataset, tokenizer, max_length=32) for _ in range(2))
+    short = tokenize_dataset(dataset, tokenizer, max_length=4)
+    pair = tokenize_dataset(dataset, tokenizer, TextColumns(text_pair="other"), max_length=32)
+    assert long._fingerprint == again._fingerprint and long.cache_files  # cached, and found again
+    assert len({long._fingerprint, short._fingerprint, pair._fingerprint}) == 3
+    assert max(map(len, short["input_ids"])) == 4 < max(map(len, long["input_ids"])) < max(map(len, pair["input_ids"]))
+
+
 def test_shuffling_is_seeded(tokenizer) -> None:
     dataset = tokenize_dataset(datasets.Dataset.from_list(ROWS * 10), tokenizer)
     order = lambda seed: [b["input_ids"][0].tolist() for b in make_loader(dataset, tokenizer, 1, shuffle=True, seed=seed)]

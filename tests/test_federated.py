@@ -308,7 +308,11 @@ def test_throughput_benchmark_measures_both_federations(tmp_path, tiny_base, key
     for summary in (ours, baseline):
         assert summary["client_updates"] == 6
         assert 0 < summary["client_train_seconds"] < summary["train_phase_seconds"]
+        assert summary["overhead_seconds"] == pytest.approx(
+            summary["first_round_overhead_seconds"] + summary["steady_overhead_seconds_per_round"])  # 2 rounds
         assert summary["client_peak_rss_mb"] > 100
+    # Our clients build the base and tokenize once, in round 1; the baseline reports no set-up of its own.
+    assert ours["first_round_client_setup_seconds"] > 0 and baseline["first_round_client_setup_seconds"] == 0
     # Same seeds, same local steps, same adapter: the two federations start and learn the same thing
     # (the second run in the process starts from the seeded initial adapter, not the first run's result).
     start = {name: rounds[0]["loss"] for name, rounds in results["rounds"].items()}

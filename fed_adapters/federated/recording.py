@@ -86,6 +86,7 @@ class RoundRecorder:
             client_train_seconds_sum=sum(m.get("train-seconds", 0.0) for m in metrics),
             client_gpus=sorted({int(m["ray-gpu"]) for m in metrics if "ray-gpu" in m}),
             client_setup_seconds_max=max((m.get("setup-seconds", 0.0) for m in metrics), default=0.0),
+            client_setup_seconds_sum=sum(m.get("setup-seconds", 0.0) for m in metrics),
             client_process_age_seconds_min=min((m.get("process-age-seconds", 0.0) for m in metrics), default=0.0),
             client_peak_rss_mb=max((m["peak-rss-mb"] for m in metrics if "peak-rss-mb" in m), default=0.0),
         )
