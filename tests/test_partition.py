@@ -101,5 +101,9 @@ def test_inner_dirichlet_gives_equal_sizes_and_skewed_label_mixes() -> None:
 
 
 def test_dirichlet_that_cannot_fill_every_client_says_what_to_change() -> None:
-    with pytest.raises(ConfigError, match="dirichlet partitioning failed.*min_client_size = 50.*inner_dirichlet"):
+    # Impossible by count: said at once, without drawing.
+    with pytest.raises(ConfigError, match="num_clients x partition.min_client_size = 20 x 50 is more than the 400"):
         partition(_balanced(400, 2), PartitionSection(method="dirichlet", num_clients=20, alpha=0.05, min_client_size=50), "label", 0)
+    # Possible by count, never drawn at this alpha.
+    with pytest.raises(ConfigError, match="dirichlet partitioning failed.*2000 draws.*min_client_size = 15.*inner_dirichlet"):
+        partition(_balanced(400, 2), PartitionSection(method="dirichlet", num_clients=20, alpha=0.05, min_client_size=15), "label", 0)

@@ -118,7 +118,7 @@ class PartitionSection:
     alpha: float = 0.5  # Dirichlet concentration (dirichlet: over clients per label; inner_dirichlet: over labels per client)
     labels_per_client: int = 2  # pathological
     column: str = "client_id"  # natural
-    min_client_size: int = 2  # dirichlet redraws (up to 500 times) until every client holds at least this many
+    min_client_size: int = 2  # dirichlet redraws (up to 2,000 times) until every client holds at least this many
     local_test_fraction: float = 0.2  # 0: clients keep every example for training (no client-side evaluation)
 
     def __post_init__(self) -> None:
