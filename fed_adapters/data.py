@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import marshal
@@ -128,15 +129,21 @@ def _tokenized_fingerprint(dataset: datasets.Dataset, tokenizer: PreTrainedToken
     0.15 s per call, which was most of the cost of tokenizing a client's shard and is paid per shard per
     process. A slow (Python) tokenizer has no serialization to hash, so `datasets` hashes it as before (None).
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
         return None
-    state = json.loads(backend.to_str())
-    for per_call in ("truncation", "padding"):  # set by each call; ours come from max_length below
-        state.pop(per_call, None)
-    identity = (dataset._fingerprint, type(tokenizer).__name__, json.dumps(state, sort_keys=True),
+    identity = (dataset._fingerprint, type(tokenizer).__name__, _tokenizer_identity(tokenizer, len(tokenizer)),
                 tokenizer.truncation_side, marshal.dumps(encode.__code__), columns, max_length, task)
     return hashlib.sha256(repr(identity).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase, vocabulary_size: int) -> str:
+    """A hash of the fast tokenizer's serialization, once per tokenizer (and vocabulary size: added tokens change it);
+    parsing it is most of a shard's tokenizing time, and every shard of a process shares the tokenizer."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for per_call in ("truncation", "padding"):  # set by each call; ours come from max_length in the fingerprint
+        state.pop(per_call, None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def make_loader(

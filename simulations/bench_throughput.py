@@ -108,9 +108,9 @@ def run_variant(config: RunConfig, name: str) -> dict:
         "updates_per_second": updates / sum(phase),
         "train_phase_seconds": sum(phase),
         "client_train_seconds": sum(training),
-        "overhead_seconds": sum(phase) - sum(training),
-        "overhead_fraction": (sum(phase) - sum(training)) / sum(training),
-        "steady_overhead_fraction": (sum(phase[steady]) - sum(training[steady])) / sum(training[steady]),
+        "overhead_seconds": sum(overheads),
+        "overhead_fraction": sum(overheads) / sum(training),
+        "steady_overhead_fraction": sum(overheads[steady]) / sum(training[steady]),
         # Round 1's overhead is mostly once per process: imports, the base, partitioning and tokenizing; the part
         # the clients measured themselves (base, data) is their set-up time (the baseline rebuilds every call).
         "first_round_overhead_seconds": overheads[0],
