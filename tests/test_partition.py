@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pytest
 
+from conftest import tiny_config
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import PartitionSection
 from fed_adapters.federated.partition import client_shards, format_summary, partition, split_shard, summarize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _balanced(n: int = 2000, classes: int = 4) -> datasets.Dataset:
@@ -51,6 +58,24 @@ def test_pathological_gives_k_labels_per_client() -> None:
 def test_natural_partition_follows_the_column() -> None:
     shards = partition(_balanced(), PartitionSection(method="natural", column="client_id"), "label", seed=0)
     assert len(shards) == 5 and all(len(set(s["client_id"])) == 1 for s in shards)
+
+
+@pytest.mark.parametrize("method", ["dirichlet", "pathological", "inner_dirichlet", "natural"])
+def test_partitions_are_flwr_datasets_own(method: str) -> None:
+    """The partitioners read labels through a faster view of the data (`_ColumnsAtOnce`): same shards as theirs,
+    also on a shuffled subset, whose rows sit behind an indices mapping."""
+    from flwr_datasets.partitioner import Partitioner
+
+    from fed_adapters.federated.partition import make_partitioner
+
+    data = _balanced().shuffle(seed=3).select(range(1500))
+    section = PartitionSection(method=method, num_clients=6, alpha=0.5, labels_per_client=2, column="client_id")
+    reference: Partitioner = make_partitioner(section, "label", seed=4, size=len(data))
+    reference.dataset = data
+    expected = [list(reference.load_partition(i)["text"]) for i in range(reference.num_partitions)]
+    shards = partition(data, section, "label", seed=4)
+    assert [list(s["text"]) for s in shards] == expected
+    assert all(type(s) is datasets.Dataset for s in shards)  # the shards are plain data sets again
 
 
 def test_partitioning_is_seeded() -> None:
@@ -107,3 +132,19 @@ def test_dirichlet_that_cannot_fill_every_client_says_what_to_change() -> None:
     # Possible by count, never drawn at this alpha.
     with pytest.raises(ConfigError, match="dirichlet partitioning failed.*2000 draws.*min_client_size = 15.*inner_dirichlet"):
         partition(_balanced(400, 2), PartitionSection(method="dirichlet", num_clients=20, alpha=0.05, min_client_size=15), "label", 0)
+
+
+def test_partition_benchmark_compares_with_the_plain_data_set(tmp_path, tiny_base, keyword_data) -> None:
+    """simulations/bench_partition.py: both ways of reading the labels, per seed, with the same shards."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data,
+                         partition={"method": "dirichlet", "num_clients": 8, "alpha": 0.1, "min_client_size": 10})
+    path = tmp_path / "bench.toml"
+    path.write_text(config.to_toml())
+    done = subprocess.run([sys.executable, str(REPO / "simulations" / "bench_partition.py"), str(path), "--seeds", "0-2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((config.run_dir.parent / "bench_partition" / "results.json").read_text())
+    assert [r["seed"] for r in results["seeds"]] == [0, 1, 2]
+    assert all(r["same_shards"] and r["partitioner_seeds"] >= 1 and r["seconds"] > 0 for r in results["seeds"])
+    assert max(r["partitioner_seeds"] for r in results["seeds"]) > 1  # this split needs the redraws it times
+    assert (config.run_dir.parent / "bench_partition" / "config.toml").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
+import numpy as np
 
 from ..configuration import ConfigError
 from .config import PartitionSection
@@ -26,6 +27,28 @@ if TYPE_CHECKING:
 
 # x 10 draws each inside flwr-datasets' partitioner; configs/sst2_dirichlet.toml at seed 6 needs more than 50 seeds.
 DIRICHLET_SEEDS = 200
+
+
+class _ColumnsAtOnce(datasets.Dataset):
+    """The data set as the partitioners read it: `dataset[name]` as one array, read once.
+
+    datasets 4 answers `dataset[name]` with a lazy Column, which flwr-datasets' label-based partitioners pass
+    to `np.array()`, reading it row by row (~0.25 s per 8,000 rows) — once per partitioner, so once per seed
+    of the Dirichlet search below: 17 s at configs/sst2_dirichlet.toml's seed 6, in the server and again in
+    every Ray actor. The same rows, indices mapping included, so the partitions are the same.
+    """
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        super().__init__(dataset.data, info=dataset.info, split=dataset.split, indices_table=dataset._indices,
+                         fingerprint=dataset._fingerprint)
+        self._columns: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if not isinstance(key, str):
+            return super().__getitem__(key)
+        if key not in self._columns:
+            self._columns[key] = np.asarray(self.select_columns([key]).with_format("numpy")[:][key])
+        return self._columns[key]
 
 
 @dataclass(frozen=True)
@@ -88,17 +111,26 @@ def partition(dataset: datasets.Dataset, section: PartitionSection, label_column
             f"partition.num_clients x partition.min_client_size = {section.num_clients} x {section.min_client_size} is more "
             f"than the {len(dataset)} training examples; lower min_client_size, use fewer clients or more data"
         )
-    # Flower's Dirichlet partitioner gives up after 10 draws short of min_client_size; at small alpha a
-    # valid draw can be rarer than that, so keep drawing, from seeds derived from the run's seed.
+    # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
+    view = dataset.shuffle(seed=seed) if section.method == "iid" else _ColumnsAtOnce(dataset)
+    return draw_partitions(view, section, label_column, seed)[0]
+
+
+def draw_partitions(view: datasets.Dataset, section: PartitionSection, label_column: str,
+                    seed: int) -> tuple[list[datasets.Dataset], int]:
+    """Flower's partitioner on `view`: the shards, and how many partitioner seeds it took.
+
+    Flower's Dirichlet partitioner gives up after 10 draws short of min_client_size; at small alpha a valid
+    draw can be rarer than that, so keep drawing, from seeds derived from the run's seed.
+    """
     draws = DIRICHLET_SEEDS if section.method == "dirichlet" else 1
     for draw in range(draws):
-        partitioner = make_partitioner(section, label_column, seed + 1000 * draw, len(dataset))
-        # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
-        partitioner.dataset = dataset.shuffle(seed=seed) if section.method == "iid" else dataset
+        partitioner = make_partitioner(section, label_column, seed + 1000 * draw, len(view))
+        partitioner.dataset = view
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one warning per failed draw otherwise
-                return [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
+                return [partitioner.load_partition(i) for i in range(partitioner.num_partitions)], draw + 1
         except ValueError as error:
             failure = error
     hint = ""

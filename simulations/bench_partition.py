@@ -1,0 +1,75 @@
+"""Set-up cost of partitioning: fed_adapters' partition() against flwr-datasets reading the plain data set.
+
+Every process of a simulation — the server and each Ray actor — partitions the run's data set itself, and
+a Dirichlet split at small alpha may take many partitioner seeds before every client holds its minimum.
+For each seed of the run this times (a) `partition()` as built, which lets the partitioners read the label
+column at once, and (b) the same seeds drawn by flwr-datasets on the plain `datasets.Dataset` (whose lazy
+column it reads row by row), checks that both give the same shards, and prints the seconds and their ratio.
+Writes `<results_dir>/bench_partition/results.json` beside the resolved `config.toml`.
+
+    python simulations/bench_partition.py configs/sst2_dirichlet.toml --seeds 0-7
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from dataclasses import replace
+
+from common import load_or_explain, output_dir, parse_args
+
+from fed_adapters.federated.config import load_run_config
+from fed_adapters.federated.partition import draw_partitions, partition
+from fed_adapters.federated.task import training_data
+from fed_adapters.provenance import environment
+
+
+def seed_range(text: str) -> list[int]:
+    """`0-7` or `0,3,6`."""
+    if "-" in text:
+        first, last = (int(part) for part in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(part) for part in text.split(",")]
+
+
+def timed(work):
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__, "configs/sst2_dirichlet.toml", argv,
+                      ("--seeds", {"default": "0-7", "help": "run seeds, e.g. 0-7 or 0,3,6"}))
+    config = load_or_explain(load_run_config, args)
+    if config is None:
+        return 2
+    out = output_dir(config.run_dir.parent / "bench_partition", config.to_toml())
+    importlib.import_module("flwr_datasets.partitioner")  # before timing: the first partitioner would pay it
+    rows = []
+    for seed in seed_range(args.seeds):
+        run = replace(config, seed=seed)
+        data = training_data(run)
+        ours, ours_seconds = timed(lambda: partition(data, run.partition, run.data.label, seed))
+        (plain, seeds_drawn), plain_seconds = timed(lambda: draw_partitions(data, run.partition, run.data.label, seed))
+        same = [list(s[run.data.text]) for s in ours] == [list(s[run.data.text]) for s in plain]
+        rows.append({"seed": seed, "partitioner_seeds": seeds_drawn, "seconds": ours_seconds,
+                     "plain_dataset_seconds": plain_seconds, "speedup": plain_seconds / ours_seconds, "same_shards": same})
+    header = f"{'seed':>4} {'partitioner seeds':>17} {'fed_adapters s':>14} {'plain Dataset s':>15} {'ratio':>7} {'same shards':>11}"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['seed']:>4} {r['partitioner_seeds']:>17} {r['seconds']:>14.2f} {r['plain_dataset_seconds']:>15.2f} "
+              f"{r['speedup']:>6.1f}x {str(r['same_shards']):>11}")
+    total, plain_total = sum(r["seconds"] for r in rows), sum(r["plain_dataset_seconds"] for r in rows)
+    print(f"all seeds: {total:.2f} s against {plain_total:.2f} s ({plain_total / total:.1f}x)")
+    payload = {"benchmark": "partition", "config": config.to_dict(), "seeds": rows,
+               "seconds": total, "plain_dataset_seconds": plain_total, "environment": environment()}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out / 'results.json'}")
+    return 0 if all(r["same_shards"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
