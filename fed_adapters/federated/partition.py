@@ -33,9 +33,9 @@ class _ColumnsAtOnce(datasets.Dataset):
     """The data set as the partitioners read it: `dataset[name]` as one array, read once.
 
     datasets 4 answers `dataset[name]` with a lazy Column, which flwr-datasets' label-based partitioners pass
-    to `np.array()`, reading it row by row (~0.25 s per 8,000 rows) — once per partitioner, so once per seed
-    of the Dirichlet search below: 17 s at configs/sst2_dirichlet.toml's seed 6, in the server and again in
-    every Ray actor. The same rows, indices mapping included, so the partitions are the same.
+    to `np.array()`, reading it row by row (~0.2 s per 8,000 rows) — once per partitioner, so once per seed
+    of the Dirichlet search below: 13 s at configs/sst2_dirichlet.toml's seed 6 (simulations/bench_partition.py),
+    in the server and again in every Ray actor. The same rows, indices mapping included: the same partitions.
     """
 
     def __init__(self, dataset: datasets.Dataset) -> None:
