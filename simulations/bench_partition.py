@@ -12,6 +12,7 @@ Writes `<results_dir>/bench_partition/results.json` beside the resolved `config.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -28,10 +29,17 @@ from fed_adapters.provenance import environment
 
 def seed_range(text: str) -> list[int]:
     """`0-7` or `0,3,6`."""
-    if "-" in text:
-        first, last = (int(part) for part in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(part) for part in text.split(",")]
+    try:
+        if "-" in text:
+            first, last = (int(part) for part in text.split("-"))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed range: write FIRST-LAST (0-7) or a list (0,3,6)")
+    return seeds
 
 
 def timed(work):
@@ -42,14 +50,14 @@ def timed(work):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, "configs/sst2_dirichlet.toml", argv,
-                      ("--seeds", {"default": "0-7", "help": "run seeds, e.g. 0-7 or 0,3,6"}))
+                      ("--seeds", {"default": "0-7", "type": seed_range, "help": "run seeds, e.g. 0-7 or 0,3,6"}))
     config = load_or_explain(load_run_config, args)
     if config is None:
         return 2
     out = output_dir(config.run_dir.parent / "bench_partition", config.to_toml())
     importlib.import_module("flwr_datasets.partitioner")  # before timing: the first partitioner would pay it
     rows = []
-    for seed in seed_range(args.seeds):
+    for seed in args.seeds:
         run = replace(config, seed=seed)
         data = training_data(run)
         ours, ours_seconds = timed(lambda: partition(data, run.partition, run.data.label, seed))

@@ -14,7 +14,8 @@ import pytest
 from conftest import tiny_config
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import PartitionSection
-from fed_adapters.federated.partition import client_shards, format_summary, partition, split_shard, summarize
+from fed_adapters.federated.partition import (client_shards, format_summary, make_partitioner, partition, split_shard,
+                                               summarize)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,13 +65,9 @@ def test_natural_partition_follows_the_column() -> None:
 def test_partitions_are_flwr_datasets_own(method: str) -> None:
     """The partitioners read labels through a faster view of the data (`_ColumnsAtOnce`): same shards as theirs,
     also on a shuffled subset, whose rows sit behind an indices mapping."""
-    from flwr_datasets.partitioner import Partitioner
-
-    from fed_adapters.federated.partition import make_partitioner
-
     data = _balanced().shuffle(seed=3).select(range(1500))
     section = PartitionSection(method=method, num_clients=6, alpha=0.5, labels_per_client=2, column="client_id")
-    reference: Partitioner = make_partitioner(section, "label", seed=4, size=len(data))
+    reference = make_partitioner(section, "label", seed=4, size=len(data))
     reference.dataset = data
     expected = [list(reference.load_partition(i)["text"]) for i in range(reference.num_partitions)]
     shards = partition(data, section, "label", seed=4)
