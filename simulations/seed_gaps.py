@@ -178,7 +178,8 @@ def format_table(pairs: list[tuple[SeedResult, SeedResult]], summary: dict[str, 
                  f"{summary['mean_gap']:>+6.2f} {summary['federated_eval_loss']:>8.4f} {summary['centralized_eval_loss']:>8.4f}"
                  + (f"   (gap ± {se:.2f} standard error over {len(pairs)} seeds)" if se is not None else ""))
     if "target" in summary:
-        lines.append(f"target: within {summary['target']:g} points of centralized on the mean: "
+        unit = "point" if summary["target"] == 1 else "points"
+        lines.append(f"target: within {summary['target']:g} {unit} of centralized on the mean: "
                      + ("met" if summary["target_met"] else "missed"))
     return "\n".join(lines)
 
