@@ -8,8 +8,8 @@ the run's name and where its files lie differ) and that both trained on the same
 writes `<out>/<name>.json` and `<name>.png`. A federated run's figure is its final adapter's: after head
 calibration when the run calibrated (the last round's is kept beside it).
 
-    python simulations/seed_gaps.py --federated results/dir_s* --centralized results/centralized/sst2_s* \\
-        --variant houlsby-m16 --name federated_sst2_dirichlet_gaps
+    python simulations/seed_gaps.py --federated results/NAME_s* --centralized results/centralized/central_s* \\
+        --variant houlsby-m16 --target 3 --name NAME_gaps
 """
 
 from __future__ import annotations
@@ -142,9 +142,8 @@ def pair(federated: list[SeedResult], centralized: list[SeedResult]) -> list[tup
     unpaired = sorted({r.seed for r in federated} ^ set(by_seed))
     if unpaired:
         seed = unpaired[0]
-        has = "a federated" if seed not in by_seed else "a centralized"
-        lacks = "centralized" if seed not in by_seed else "federated"
-        raise ConfigError(f"seed {seed} has {has} run but no {lacks} one; give its {lacks} run or leave the seed out")
+        has, lacks = ("federated", "centralized") if seed not in by_seed else ("centralized", "federated")
+        raise ConfigError(f"seed {seed} has a {has} run but no {lacks} one; give its {lacks} run or leave the seed out")
     return [(f, by_seed[f.seed]) for f in sorted(federated, key=lambda r: r.seed)]
 
 
