@@ -1,10 +1,11 @@
 """Set-up cost of partitioning: fed_adapters' partition() against flwr-datasets reading the plain data set.
 
-Every process of a simulation — the server and each Ray actor — partitions the run's data set itself, and
-a Dirichlet split at small alpha may take many partitioner seeds before every client holds its minimum.
-For each seed of the run this times (a) `partition()` as built, which lets the partitioners read the label
-column at once, and (b) the same seeds drawn by flwr-datasets on the plain `datasets.Dataset` (whose lazy
-column it reads row by row), checks that both give the same shards, and prints the seconds and their ratio.
+The server partitions the run's data set, and a Dirichlet split at small alpha may take many partitioner
+seeds before every client holds its minimum; each Ray actor then reads the split back from beside the data
+set. For each seed of the run this times (a) drawing the split as built (`partition_rows`: the partitioners
+read a two-column copy whose label column they get at once), (b) the same seeds drawn by flwr-datasets on
+the plain `datasets.Dataset` (whose lazy column it reads row by row) and (c) `partition()` once the split is
+stored, as an actor meets it; checks that all give the same shards, and prints the seconds and the ratio (b)/(a).
 Writes `<results_dir>/bench_partition/results.json` beside the resolved `config.toml`.
 
     python simulations/bench_partition.py configs/sst2_dirichlet.toml --seeds 0-7
@@ -22,7 +23,7 @@ from dataclasses import replace
 from common import load_or_explain, output_dir, parse_args
 
 from fed_adapters.federated.config import load_run_config
-from fed_adapters.federated.partition import draw_partitions, partition
+from fed_adapters.federated.partition import draw_partitions, partition, partition_rows
 from fed_adapters.federated.task import training_data
 from fed_adapters.provenance import environment
 
@@ -60,16 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         run = replace(config, seed=seed)
         data = training_data(run)
-        ours, ours_seconds = timed(lambda: partition(data, run.partition, run.data.label, seed))
+        ours, ours_seconds = timed(lambda: partition_rows(data, run.partition, run.data.label, seed))
         (plain, seeds_drawn), plain_seconds = timed(lambda: draw_partitions(data, run.partition, run.data.label, seed))
-        same = [list(s[run.data.text]) for s in ours] == [list(s[run.data.text]) for s in plain]
+        partition(data, run.partition, run.data.label, seed)  # stores the split, if not yet stored
+        stored, stored_seconds = timed(lambda: partition(data, run.partition, run.data.label, seed))
+        texts = [[list(data.select(r)[run.data.text]) for r in ours], [list(s[run.data.text]) for s in plain],
+                 [list(s[run.data.text]) for s in stored]]
         rows.append({"seed": seed, "partitioner_seeds": seeds_drawn, "seconds": ours_seconds,
-                     "plain_dataset_seconds": plain_seconds, "speedup": plain_seconds / ours_seconds, "same_shards": same})
-    header = f"{'seed':>4} {'partitioner seeds':>17} {'fed_adapters s':>14} {'plain Dataset s':>15} {'ratio':>7} {'same shards':>11}"
+                     "plain_dataset_seconds": plain_seconds, "speedup": plain_seconds / ours_seconds,
+                     "stored_seconds": stored_seconds, "same_shards": texts[0] == texts[1] == texts[2]})
+    header = (f"{'seed':>4} {'partitioner seeds':>17} {'fed_adapters s':>14} {'plain Dataset s':>15} {'ratio':>7} "
+              f"{'stored s':>8} {'same shards':>11}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['seed']:>4} {r['partitioner_seeds']:>17} {r['seconds']:>14.2f} {r['plain_dataset_seconds']:>15.2f} "
-              f"{r['speedup']:>6.1f}x {str(r['same_shards']):>11}")
+              f"{r['speedup']:>6.1f}x {r['stored_seconds']:>8.3f} {str(r['same_shards']):>11}")
     total, plain_total = sum(r["seconds"] for r in rows), sum(r["plain_dataset_seconds"] for r in rows)
     print(f"all seeds: {total:.2f} s against {plain_total:.2f} s ({plain_total / total:.1f}x)")
     payload = {"benchmark": "partition", "config": config.to_dict(), "seeds": rows,

@@ -61,14 +61,14 @@ def test_natural_partition_follows_the_column() -> None:
     assert len(shards) == 5 and all(len(set(s["client_id"])) == 1 for s in shards)
 
 
-@pytest.mark.parametrize("method", ["dirichlet", "pathological", "inner_dirichlet", "natural"])
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "pathological", "inner_dirichlet", "natural"])
 def test_partitions_are_flwr_datasets_own(method: str) -> None:
-    """The partitioners read labels through a faster view of the data (`_ColumnsAtOnce`): same shards as theirs,
-    also on a shuffled subset, whose rows sit behind an indices mapping."""
+    """The partitioners draw on a two-column copy (the column they split by, read at once, and row numbers):
+    the same shards as on the whole data set, also on a shuffled subset, whose rows sit behind an indices mapping."""
     data = _balanced().shuffle(seed=3).select(range(1500))
     section = PartitionSection(method=method, num_clients=6, alpha=0.5, labels_per_client=2, column="client_id")
     reference = make_partitioner(section, "label", seed=4, size=len(data))
-    reference.dataset = data
+    reference.dataset = data.shuffle(seed=4) if method == "iid" else data  # iid shards a shuffle of the data
     expected = [list(reference.load_partition(i)["text"]) for i in range(reference.num_partitions)]
     shards = partition(data, section, "label", seed=4)
     assert [list(s["text"]) for s in shards] == expected
@@ -132,7 +132,8 @@ def test_dirichlet_that_cannot_fill_every_client_says_what_to_change() -> None:
 
 
 def test_partition_benchmark_compares_with_the_plain_data_set(tmp_path, tiny_base, keyword_data) -> None:
-    """simulations/bench_partition.py: both ways of reading the labels, per seed, with the same shards."""
+    """simulations/bench_partition.py: both ways of reading the labels and the stored split, per seed, with the
+    same shards."""
     config = tiny_config(tmp_path, tiny_base, keyword_data,
                          partition={"method": "dirichlet", "num_clients": 8, "alpha": 0.1, "min_client_size": 10})
     path = tmp_path / "bench.toml"
@@ -142,6 +143,7 @@ def test_partition_benchmark_compares_with_the_plain_data_set(tmp_path, tiny_bas
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((config.run_dir.parent / "bench_partition" / "results.json").read_text())
     assert [r["seed"] for r in results["seeds"]] == [0, 1, 2]
-    assert all(r["same_shards"] and r["partitioner_seeds"] >= 1 and r["seconds"] > 0 for r in results["seeds"])
+    assert all(r["same_shards"] and r["partitioner_seeds"] >= 1 and r["seconds"] > 0 and r["stored_seconds"] > 0
+               for r in results["seeds"])
     assert max(r["partitioner_seeds"] for r in results["seeds"]) > 1  # this split needs the redraws it times
     assert (config.run_dir.parent / "bench_partition" / "config.toml").exists()

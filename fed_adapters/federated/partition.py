@@ -1,8 +1,9 @@
 """Splitting one data set into client shards (flwr-datasets partitioners) and each shard into train/test.
 
 Partitioning is a pure function of (data set, partition config, seed): every process that needs a shard
-(the server for the summary, each Ray actor for its clients) computes the same split independently,
-so no data has to travel.
+(the server for the summary, each Ray actor for its clients) gets the same split without any data
+travelling: the first computes it, the others read its row numbers from beside the data set
+(`partition_cache.py`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..configuration import ConfigError
 from .config import PartitionSection
+from .partition_cache import cached_rows
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -29,13 +31,20 @@ if TYPE_CHECKING:
 DIRICHLET_SEEDS = 200
 
 
-class _ColumnsAtOnce(datasets.Dataset):
-    """The data set as the partitioners read it: `dataset[name]` as one array, read once.
+# Each row's number in the data set being split, carried through the partitioner.
+ROW = "__fed_adapters_row__"
 
-    datasets 4 answers `dataset[name]` with a lazy Column, which flwr-datasets' label-based partitioners pass
-    to `np.array()`, reading it row by row (~0.2 s per 8,000 rows) — once per partitioner, so once per seed
-    of the Dirichlet search below: 13 s at configs/sst2_dirichlet.toml's seed 6 (simulations/bench_partition.py),
-    in the server and again in every Ray actor. The same rows, indices mapping included: the same partitions.
+
+def column_array(dataset: datasets.Dataset, name: str) -> np.ndarray:
+    """`dataset[name]` as one array. datasets 4 answers `dataset[name]` with a lazy Column, which `np.array()`
+    (as flwr-datasets' label-based partitioners use it) reads row by row: ~0.2 s per 8,000 rows."""
+    return np.asarray(dataset.select_columns([name]).with_format("numpy")[:][name])
+
+
+class _ColumnsAtOnce(datasets.Dataset):
+    """The data set as the partitioners read it: `dataset[name]` as one array, read once, not once per
+    partitioner, so once per seed of the Dirichlet search below (13 s at configs/sst2_dirichlet.toml's seed 6,
+    simulations/bench_partition.py). The same rows: the same partitions.
     """
 
     def __init__(self, dataset: datasets.Dataset) -> None:
@@ -47,7 +56,7 @@ class _ColumnsAtOnce(datasets.Dataset):
         if not isinstance(key, str):
             return super().__getitem__(key)
         if key not in self._columns:
-            self._columns[key] = np.asarray(self.select_columns([key]).with_format("numpy")[:][key])
+            self._columns[key] = column_array(self, key)
         return self._columns[key]
 
 
@@ -111,9 +120,25 @@ def partition(dataset: datasets.Dataset, section: PartitionSection, label_column
             f"partition.num_clients x partition.min_client_size = {section.num_clients} x {section.min_client_size} is more "
             f"than the {len(dataset)} training examples; lower min_client_size, use fewer clients or more data"
         )
-    # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
-    view = dataset.shuffle(seed=seed) if section.method == "iid" else _ColumnsAtOnce(dataset)
-    return draw_partitions(view, section, label_column, seed)[0]
+    settings = [asdict(section), label_column, seed, DIRICHLET_SEEDS]
+    rows = cached_rows(dataset, settings, lambda: partition_rows(dataset, section, label_column, seed))
+    return [dataset.select(r) for r in rows]
+
+
+def partition_rows(dataset: datasets.Dataset, section: PartitionSection, label_column: str, seed: int) -> list[np.ndarray]:
+    """Each client's row numbers in `dataset`, drawn by flwr-datasets' partitioner on a two-column copy: the
+    column it splits by (its feature type kept) and the row numbers. It reads nothing else, so the split is
+    the one it would draw on the whole data set."""
+    column = section.column if section.method == "natural" else label_column
+    numbers = np.arange(len(dataset), dtype=np.int64)
+    if section.method == "iid":
+        # IidPartitioner shards contiguously: shuffle first so that shards do not follow the file's order.
+        view = datasets.Dataset.from_dict({ROW: numbers}).shuffle(seed=seed)
+    else:
+        features = datasets.Features({column: dataset.features[column], ROW: datasets.Value("int64")})
+        view = _ColumnsAtOnce(datasets.Dataset.from_dict({column: column_array(dataset, column), ROW: numbers},
+                                                         features=features))
+    return [column_array(shard, ROW) for shard in draw_partitions(view, section, label_column, seed)[0]]
 
 
 def draw_partitions(view: datasets.Dataset, section: PartitionSection, label_column: str,
