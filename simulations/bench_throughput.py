@@ -111,8 +111,9 @@ def run_variant(config: RunConfig, name: str) -> dict:
         "overhead_seconds": sum(overheads),
         "overhead_fraction": sum(overheads) / sum(training),
         "steady_overhead_fraction": sum(overheads[steady]) / sum(training[steady]),
-        # Round 1's overhead is mostly once per process: imports, the base, partitioning and tokenizing; the part
-        # the clients measured themselves (base, data) is their set-up time (the baseline rebuilds every call).
+        # Round 1's overhead is mostly once per process: imports, the base, reading the split and the tokenized
+        # shards; the part the clients measured themselves (base, data) is their set-up time (the baseline
+        # rebuilds every call).
         "first_round_overhead_seconds": overheads[0],
         "first_round_client_setup_seconds": rounds[0].get("client_setup_seconds_sum", 0.0),
         "steady_overhead_seconds_per_round": sum(overheads[steady]) / len(overheads[steady]),

@@ -120,7 +120,7 @@ def partition(dataset: datasets.Dataset, section: PartitionSection, label_column
             f"partition.num_clients x partition.min_client_size = {section.num_clients} x {section.min_client_size} is more "
             f"than the {len(dataset)} training examples; lower min_client_size, use fewer clients or more data"
         )
-    settings = [asdict(section), label_column, seed, DIRICHLET_SEEDS]
+    settings = [asdict(section), label_column, seed]
     rows = cached_rows(dataset, settings, lambda: partition_rows(dataset, section, label_column, seed))
     return [dataset.select(r) for r in rows]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-FORMAT = 1  # bump when the stored layout or the meaning of the rows changes
+FORMAT = 1  # bump when the stored layout changes or partition.py draws a split differently
 
 
 def cache_path(dataset: datasets.Dataset, settings: object) -> Path | None:

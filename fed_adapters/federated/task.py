@@ -74,7 +74,8 @@ def test_data(config: RunConfig) -> datasets.Dataset:
 
 
 def shards(config: RunConfig) -> list[ClientShard]:
-    """Every client's raw train/test shard (deterministic in the config, so computed independently per process)."""
+    """Every client's raw train/test shard: deterministic in the config, so each process gets it without data
+    travelling (the split drawn once per run and read back, `partition_cache.py`); kept for the process's life."""
     key = _key(config.data, config.partition, config.seed)
     if key not in _SHARDS:
         _SHARDS[key] = client_shards(training_data(config), config.partition, config.data.label, config.seed)
