@@ -2,8 +2,8 @@
 
 The server partitions first (for partition.json) and every Ray actor then reads the clients' row numbers
 here, instead of importing flwr-datasets (which imports seaborn and scipy: about a second) and drawing the
-same split again. The file is named by everything the split depends on, so another data set, setting, seed
-or flwr-datasets version never reads it; a missing, unreadable or unwritable file only means computing.
+same split again. The file is named by everything the split depends on, so another data set, setting, seed,
+flwr-datasets or datasets version never reads it; a missing, unreadable or unwritable file only means computing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def cache_path(dataset: datasets.Dataset, settings: object) -> Path | None:
     """Where `dataset`'s partition under `settings` (JSON-able) lives; None for a data set only in memory."""
     if not dataset.cache_files:
         return None
-    identity = [FORMAT, dataset._fingerprint, len(dataset), settings, version("flwr-datasets")]
+    # A fingerprint names a data set's recipe, not its rows: another `datasets` could shuffle differently under it.
+    identity = [FORMAT, dataset._fingerprint, len(dataset), settings, version("flwr-datasets"), version("datasets")]
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return Path(dataset.cache_files[0]["filename"]).parent / f"fed_adapters-partition-{digest}.npz"
 
