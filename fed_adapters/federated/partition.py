@@ -42,22 +42,20 @@ def column_array(dataset: datasets.Dataset, name: str) -> np.ndarray:
 
 
 class _ColumnsAtOnce(datasets.Dataset):
-    """The data set as the partitioners read it: `dataset[name]` as one array, read once, not once per
-    partitioner, so once per seed of the Dirichlet search below (13 s at configs/sst2_dirichlet.toml's seed 6,
-    simulations/bench_partition.py). The same rows: the same partitions.
+    """In-memory columns as the partitioners read them: `dataset[name]` is the array itself, not a lazy Column
+    read row by row once per partitioner, so once per seed of the Dirichlet search below (13 s at
+    configs/sst2_dirichlet.toml's seed 6, simulations/bench_partition.py). The same rows: the same partitions.
     """
 
-    def __init__(self, dataset: datasets.Dataset) -> None:
-        super().__init__(dataset.data, info=dataset.info, split=dataset.split, indices_table=dataset._indices,
-                         fingerprint=dataset._fingerprint)
-        self._columns: dict[str, np.ndarray] = {}
+    def __init__(self, columns: dict[str, np.ndarray], features: datasets.Features) -> None:
+        table = datasets.Dataset.from_dict(columns, features=features)
+        super().__init__(table.data, info=table.info, fingerprint=table._fingerprint)
+        self._columns = columns
 
     def __getitem__(self, key):  # type: ignore[override]
-        if not isinstance(key, str):
-            return super().__getitem__(key)
-        if key not in self._columns:
-            self._columns[key] = column_array(self, key)
-        return self._columns[key]
+        if isinstance(key, str) and key in self._columns:
+            return self._columns[key]
+        return super().__getitem__(key)
 
 
 @dataclass(frozen=True)
@@ -136,8 +134,7 @@ def partition_rows(dataset: datasets.Dataset, section: PartitionSection, label_c
         view = datasets.Dataset.from_dict({ROW: numbers}).shuffle(seed=seed)
     else:
         features = datasets.Features({column: dataset.features[column], ROW: datasets.Value("int64")})
-        view = _ColumnsAtOnce(datasets.Dataset.from_dict({column: column_array(dataset, column), ROW: numbers},
-                                                         features=features))
+        view = _ColumnsAtOnce({column: column_array(dataset, column), ROW: numbers}, features)
     return [column_array(shard, ROW) for shard in draw_partitions(view, section, label_column, seed)[0]]
 
 
