@@ -25,14 +25,14 @@ USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, Mo
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .federated.config import load_run_config
-    from .federated.simulation import load_resumable, simulate
+    from .federated.config import load_run_config, load_run_dir_config
+    from .federated.simulation import simulate
 
     if args.resume:
         if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume RUN_DIR continues a run with the config it was started with; "
                               "give no CONFIG, --set or --overwrite with it")
-        simulate(load_resumable(args.resume), flower_logs=args.flower_logs, resume=True)
+        simulate(load_run_dir_config(args.resume), flower_logs=args.flower_logs, resume=True)
         return 0
     if not args.config:
         raise ConfigError("give a CONFIG.toml to run, or --resume RUN_DIR to continue an interrupted run")
@@ -44,7 +44,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .federated.export import export_client
 
-    out = export_client(args.run_dir, args.client, args.out_dir)
+    out = export_client(args.run_dir, args.client, args.out_dir, overwrite=args.overwrite)
     print(f"client {args.client}'s adapter set written to {out}")
     return 0
 
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="the run directory, e.g. results/amazon_domains")
     export.add_argument("--client", type=int, required=True, help="the client's partition id")
     export.add_argument("out_dir", help="where to write the adapter set (loadable with load_adapter)")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in OUT_DIR")
     export.set_defaults(handler=_export)
 
     predict = commands.add_parser("predict", help="classify the texts of a JSONL file with a saved adapter (set)")

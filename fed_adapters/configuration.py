@@ -32,29 +32,45 @@ def load_toml(path: str | Path, cls: type[T], overrides: list[str] | None = None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     for override in overrides or []:
-        apply_override(data, override)
+        apply_override(data, override, cls)
     try:
         return from_mapping(cls, data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Sets `a.b.c=value` in nested `data`; the value is parsed as TOML, else taken as a string."""
+def apply_override(data: dict[str, Any], override: str, cls: type | None = None) -> None:
+    """Sets `a.b.c=value` in nested `data`; the value is parsed as TOML, else taken as a string.
+
+    A key that `cls` types as a string takes the text as written: `run_name=2024` or `adapter.layers=1`
+    mean the string, not a number that would then fail the type check.
+    """
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} must look like key=value, e.g. train.lr=0.001")
+    parts = key.strip().split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    parts = key.strip().split(".")
+    if cls is not None and _field_type(cls, parts) is str and not isinstance(value, str):
+        value = raw.strip()
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a table")
     node[parts[-1]] = value
+
+
+def _field_type(cls: type, parts: list[str]) -> Any:
+    """The type hint of the field at `parts` under dataclass `cls` (None where the path leads nowhere)."""
+    hint: Any = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "") -> T:

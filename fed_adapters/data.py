@@ -88,7 +88,14 @@ def check_columns(dataset: datasets.Dataset, columns: TextColumns, need_label: b
 
 
 def check_labels(dataset: datasets.Dataset, label: str, num_labels: int) -> None:
-    bad = sorted({x for x in dataset[label] if not isinstance(x, int) or not 0 <= x < num_labels}, key=str)
+    values = dataset[label]
+    not_ids = list(dict.fromkeys(repr(x) for x in values if isinstance(x, bool) or not isinstance(x, int)))
+    if not_ids:
+        raise DataError(
+            f"labels in column {label!r} must be integer class ids 0..{num_labels - 1}, got {', '.join(not_ids[:5])}; "
+            "map them to integers (e.g. false/true -> 0/1, 'neg'/'pos' -> 0/1)"
+        )
+    bad = sorted({x for x in values if not 0 <= x < num_labels})
     if bad:
         raise DataError(
             f"labels {bad[:5]} in column {label!r} are outside [0, {num_labels}); "

@@ -129,6 +129,11 @@ def _task_model(config: PretrainedConfig, task: str, num_labels: int, pooling: s
         raise ModelConfigError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     if pooling == "model":
         config.num_labels = num_labels
+        if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+            # A decoder's own head reads the last token before padding, so it must know the pad id: the one
+            # load_tokenizer pads with (end-of-sequence).
+            eos = config.eos_token_id
+            config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         return _make(AutoModelForSequenceClassification, config, source)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelConfigError(

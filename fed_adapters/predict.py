@@ -30,6 +30,10 @@ def read_jsonl(path: Path, columns: list[str]) -> list[dict]:
         missing = [c for c in columns if not isinstance(row, dict) or c not in row]
         if missing:
             raise DataError(f"{path}:{number} lacks column(s) {missing}; name the text column(s) with --text / --text-pair")
+        not_text = [c for c in columns if not isinstance(row[c], str)]
+        if not_text:
+            raise DataError(f"{path}:{number}: column(s) {not_text} must hold text, got "
+                            f"{', '.join(type(row[c]).__name__ for c in not_text)}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no examples")
@@ -44,7 +48,14 @@ def predict_file(adapter_dir: str | Path, input_path: str | Path, output_path: s
     output_path = Path(output_path)
     if output_path.exists() and not overwrite:
         raise FileExistsError(f"{output_path} exists; choose another --output or pass --overwrite")
-    base = read_adapter_metadata(adapter_dir)["base_model"]
+    for option, value in (("--batch-size", batch_size), ("--max-length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{option} must be a whole number >= 1, got {value!r}")
+    metadata = read_adapter_metadata(adapter_dir)
+    if not metadata["includes_head"]:
+        raise DataError(f"the adapter in {adapter_dir} holds no classification head, so its predictions would come "
+                        "from a random one; save it again with save_adapter or save_adapter_set, which keep the head")
+    base = metadata["base_model"]
     name = model_name or base["name_or_path"]
     if not name:
         raise DataError(f"the adapter in {adapter_dir} does not record its base model; pass --model")

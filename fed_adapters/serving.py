@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .adapters import AdapterStateError, adapter_routing, add_adapter, load_adapter_state_dict, set_active_adapter
+from .adapters import (AdapterStateError, adapter_routing, add_adapter, delete_adapter, load_adapter_state_dict,
+                       set_active_adapter)
 from .adapters.state import base_signature, read_single_adapter
 from .modeling import PooledClassifier
 
@@ -37,21 +38,29 @@ class AdapterServer:
             raise ValueError(f"client {client!r} is already loaded")
         config, signature, adapter, head = read_single_adapter(adapter_dir)
         here = base_signature(self.model)
-        if (signature["model_type"], signature["hidden_size"], signature["num_labels"]) != (
-                here["model_type"], here["hidden_size"], here["num_labels"]):
-            raise AdapterStateError(f"the adapter in {adapter_dir} was made for another base or label count "
-                                    f"({signature['name_or_path']}, {signature['num_labels']} labels)")
-        name = _adapter_name(client)
-        add_adapter(self.model, config, name)
-        load_adapter_state_dict(self.model, adapter, name, include_head=False)
+        differences = [f"{key} {signature.get(key)!r} (adapter) vs {here[key]!r} (server)"
+                       for key in ("model_type", "hidden_size", "num_layers", "num_labels", "pooling")
+                       if signature.get(key) != here[key]]
+        if differences:
+            raise AdapterStateError(f"the adapter in {adapter_dir} was made for another base, label count or pooling "
+                                    f"({signature['name_or_path']}): {'; '.join(differences)}")
         weight, bias = head.get("classifier.weight"), head.get("classifier.bias")
         if weight is None or bias is None:
-            weight, bias = self.model.classifier.weight.detach(), self.model.classifier.bias.detach()
+            raise AdapterStateError(f"the adapter in {adapter_dir} holds no classification head, and no other head "
+                                    "fits it; save it again with save_adapter or save_adapter_set, which keep the head")
+        name = _adapter_name(client)
+        add_adapter(self.model, config, name)
+        try:
+            load_adapter_state_dict(self.model, adapter, name, include_head=False)
+        except AdapterStateError:
+            delete_adapter(self.model, name)
+            raise
+        finally:
+            set_active_adapter(self.model, None)
         self.clients[client] = len(self._head_weights)
         self._head_weights.append(weight.to(self.model.device))
         self._head_biases.append(bias.to(self.model.device))
         self._stacked = None
-        set_active_adapter(self.model, None)
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")

@@ -206,7 +206,7 @@ def evaluate(
     device = resolve_device(device)
     model.to(device).eval()
     dtype = autocast_dtype(device, amp)
-    loss_sum, count = 0.0, 0
+    loss_sum, weight_sum, count = 0.0, 0, 0
     predictions, labels = [], []
     bar = _progress(len(loader), "eval", progress)
     for batch in loader:
@@ -214,7 +214,11 @@ def evaluate(
         with _autocast(device, dtype):
             output = model(**batch)
         size = int(batch["input_ids"].shape[0])
-        loss_sum += float(output.loss) * size
+        # A batch's loss is a mean over examples (classification) or over the tokens it predicts (a language
+        # model: every labelled token after the first), so that perplexity is per token over the whole set.
+        weight = size if batch["labels"].dim() == 1 else int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += float(output.loss) * weight
+        weight_sum += weight
         count += size
         if batch["labels"].dim() == 1:
             predictions.append(output.logits.argmax(-1).cpu())
@@ -223,7 +227,7 @@ def evaluate(
             bar.update(1)
     if bar is not None:
         bar.close()
-    metrics = {"loss": loss_sum / max(count, 1), "num_examples": float(count)}
+    metrics = {"loss": loss_sum / max(weight_sum, 1), "num_examples": float(count)}
     if labels:
         y_pred, y_true = torch.cat(predictions), torch.cat(labels)
         num_classes = int(getattr(model.config, "num_labels", 0) or int(y_true.max()) + 1)

@@ -199,6 +199,29 @@ def test_routing_errors() -> None:
     with pytest.raises(AdapterRoutingError, match="3 adapter ids for a batch of 2"):
         with adapter_routing(model, ["a", "a", "a"]):
             logits(model, tiny_batch(batch_size=2))
+    # Adapters on different layers: the routing error, for sequential and parallel adapters alike.
+    for placement in ("sequential", "parallel"):
+        model = tiny_model("bert")
+        add_adapter(model, AdapterConfig(bottleneck_size=4, placement=placement), name="a")
+        add_adapter(model, AdapterConfig(bottleneck_size=4, placement=placement, layers=[1]), name="b")
+        with pytest.raises(AdapterRoutingError, match=r"\['b'\] have no weights at this layer while \['a'\] do"):
+            with adapter_routing(model, ["a", "b"]):
+                logits(model, tiny_batch(batch_size=2))
+
+
+def test_adapters_added_to_a_model_in_eval_mode_apply_no_dropout() -> None:
+    model = tiny_model("bert")  # eval mode
+    add_adapter(model, AdapterConfig(bottleneck_size=4, dropout=0.5, init="bert", scaling=10.0), name="a")
+    add_adapter(model, AdapterConfig(bottleneck_size=4, dropout=0.5, init="bert", scaling=10.0), name="b")
+    add_fusion(model, ["a", "b"], name="ab")
+    assert not any(module.training for module in model.modules())
+    batch = tiny_batch()
+    for active in ("a", Fuse("a", "b", fusion="ab")):
+        set_active_adapter(model, active)
+        torch.testing.assert_close(logits(model, batch), logits(model, batch), atol=0, rtol=0)
+    model.train()
+    add_adapter(model, AdapterConfig(bottleneck_size=4), name="c")
+    assert all(module.training for module in model.modules())
 
 
 def test_several_adapters_add_activate_delete() -> None:

@@ -102,6 +102,10 @@ def test_missing_columns_and_bad_labels(tokenizer) -> None:
         tokenize_dataset(dataset, tokenizer, TextColumns(text="sentence"))
     with pytest.raises(DataError, match="labels \\[1\\] in column 'label' are outside \\[0, 1\\)"):
         tokenize_dataset(dataset, tokenizer, num_labels=1)
+    for labels, shown in (([True, False], "True, False"), ([1.0, 0.0], "1.0, 0.0"), (["pos", "neg"], "'pos', 'neg'")):
+        rows = [{**row, "label": value} for row, value in zip(ROWS, labels * len(ROWS))]
+        with pytest.raises(DataError, match=f"labels in column 'label' must be integer class ids 0..1, got {shown}; map"):
+            tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, num_labels=2)
 
 
 @dataclass
@@ -140,6 +144,11 @@ def test_overrides_and_toml_round_trip(tmp_path) -> None:
     path.write_text('name = "a"\n[inner]\nlr = 0.5\n')
     config = load_toml(path, _Outer, ["inner.steps=7", "name=b c", "optional=4"])
     assert (config.name, config.inner.lr, config.inner.steps, config.optional) == ("b c", 0.5, 7, 4)
+    # A string field takes the text as written, even where it reads as a number, a bool or a date.
+    for text in ("2024", "true", "2024-01-01", "1.5"):
+        assert load_toml(path, _Outer, [f"name={text}"]).name == text
+    with pytest.raises(ConfigError, match="inner.steps must be int, got str 'many'"):
+        load_toml(path, _Outer, ["inner.steps=many"])
     with pytest.raises(ConfigError, match="must look like key=value"):
         apply_override({}, "inner.steps")
     import dataclasses

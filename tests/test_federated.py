@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -204,6 +205,13 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[train]\nkeep_optimizer_state = true\n[personalization]\nmode = 'ditto'\n",
      "personalization.mode = 'ditto' trains private parts in the same pass: use one or the other"),
     ("[strategy]\nsampling = 'cyclic'\n", "strategy.sampling = 'cyclic' is not one of uniform, shuffled"),
+    ("[strategy]\nname = 'fedtrimmedavg'\ntrim_beta = 0.5\n", "strategy.trim_beta .* must lie in \\[0, 0.5\\), got 0.5"),
+    ("[strategy]\nfraction_train = 0.0\n", "strategy.fraction_train = 0 trains no client"),
+    ("[strategy]\nmin_train_clients = 0\n", "strategy.min_train_clients must be >= 1, got 0"),
+    ("[strategy]\nround_timeout = 0.0\n", "strategy.round_timeout must be > 0, got 0.0"),
+    ("[data]\ntest_size = -1\n", "data.test_size must be >= 0, got -1"),
+    ("[train]\nlocal_steps = -1\n", "train.local_steps must be >= 0, got -1"),
+    ("[train]\nlocal_epochs = 0.0\n", "train.local_epochs must be > 0 \\(or train.local_steps >= 1\\), got 0.0"),
     ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",
      "SecAgg\\+ workflow, which draws each round's clients itself; strategy.sampling = 'shuffled'"),
 ])
@@ -212,6 +220,20 @@ def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_run_config(path)
+
+
+def test_a_moved_run_directory_reads_its_own_files(tmp_path) -> None:
+    from fed_adapters.federated.config import load_run_dir_config
+
+    config = load_run_config(REPO / "configs" / "quickstart.toml")
+    moved = tmp_path / "elsewhere" / "my-run"
+    moved.mkdir(parents=True)
+    (moved / "config.toml").write_text(config.to_toml())
+    reread = load_run_dir_config(moved)
+    assert reread.run_dir == moved and reread.private_state_dir == moved / "clients"
+    assert dataclasses.replace(reread, results_dir=config.results_dir, run_name=config.run_name) == config
+    with pytest.raises(ConfigError, match="is not a run directory \\(no config.toml\\)"):
+        load_run_dir_config(tmp_path)
 
 
 def test_a_missing_config_file_is_named(tmp_path) -> None:

@@ -96,6 +96,9 @@ def test_partition_errors() -> None:
         partition(_balanced(20), PartitionSection(num_clients=50), "label", 0)
     with pytest.raises(ConfigError, match="needs column 'domain' \\(partition.column\\)"):
         partition(_balanced(), PartitionSection(method="natural", column="domain"), "label", 0)
+    with_gaps = datasets.Dataset.from_list([{"text": "a", "label": 0, "client_id": "x"}, {"text": "b", "label": 1, "client_id": None}])
+    with pytest.raises(ConfigError, match="natural partitioning by 'client_id' .* some rows have no value there"):
+        partition(with_gaps, PartitionSection(method="natural", column="client_id"), "label", 0)
     with pytest.raises(ConfigError, match="needs column 'stars' \\(data.label\\)"):
         partition(_balanced(), PartitionSection(method="dirichlet"), "stars", 0)
     with pytest.raises(ConfigError, match="labels_per_client = 5 exceeds the 4 classes"):

@@ -183,6 +183,15 @@ def test_split_federation_keeps_private_tensors_off_the_wire_and_across_runs(tmp
     accuracy = sum(r["prediction"] == r["label"] for r in predicted) / len(predicted)
     assert accuracy == pytest.approx(recorder.clients[client]["personal_accuracy"])
     assert cli.main(["export", str(config.run_dir), "--client", "9", str(tmp_path / "nope")]) == 2
+    # An existing export is never replaced unasked, and the run's own final adapter never.
+    exported = (tmp_path / "export" / "adapter.safetensors").read_bytes()
+    assert cli.main(["export", str(config.run_dir), "--client", "0", str(tmp_path / "export")]) == 2
+    assert (tmp_path / "export" / "adapter.safetensors").read_bytes() == exported
+    assert cli.main(["export", str(config.run_dir), "--client", "0", str(tmp_path / "export"), "--overwrite"]) == 0
+    assert (tmp_path / "export" / "adapter.safetensors").read_bytes() != exported
+    final = (config.run_dir / "adapter" / "adapter.safetensors").read_bytes()
+    assert cli.main(["export", str(config.run_dir), "--client", "0", str(config.run_dir / "adapter"), "--overwrite"]) == 2
+    assert (config.run_dir / "adapter" / "adapter.safetensors").read_bytes() == final
 
     stored = {c: load_file(str(PrivateStore(state_dir).path(c))) for c in range(4)}
     again = _config(tmp_path, tiny_base, keyword_data, "split", "stacked", run_name="again",

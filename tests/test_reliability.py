@@ -110,6 +110,26 @@ def test_a_round_below_the_minimum_is_skipped_not_fatal(tmp_path, tiny_base, key
     assert (config.run_dir / "metrics.json").is_file() and (config.run_dir / "adapter").is_dir()
 
 
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_json_is_strict_json_when_a_value_does_not_exist(tmp_path, tiny_base, keyword_data) -> None:
+    from fed_adapters.federated.results import write_run
+
+    config = tiny_config(tmp_path, tiny_base, keyword_data)
+    config.run_dir.mkdir(parents=True)
+    records = [{"round": 0, "loss": 0.69, "accuracy": 0.5, "seconds": 0.0},
+               {"round": 1, "loss": 0.69, "accuracy": 0.5, "seconds": 1.0, "clients_replied": 0,
+                "train_loss": float("nan"), "bytes_up": 0}]  # every client failed: no train loss
+    write_run(config.run_dir, config, records, 1.0, num_clients=4)
+    rounds = _strict_json((config.run_dir / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["train_loss"] is None and rounds[1]["loss"] == 0.69
+
+
 def _reply(arrays: dict[str, np.ndarray], examples: object = 10) -> Message:
     sent = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))})}), dst_node_id=7,
                    message_type="train")
@@ -234,7 +254,7 @@ def test_corrupted_adapter_file_is_one_line(tmp_path, tiny_base, capsys) -> None
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base, keyword_data) -> None:
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base, keyword_data, capsys) -> None:
     sections = dict(strategy={"num_rounds": 4, "name": "fedadam", "fraction_train": 0.5, "min_train_clients": 2},
                     partition={"num_clients": 4})
     reference = tiny_config(tmp_path, tiny_base, keyword_data, run_name="uninterrupted", **sections)
@@ -262,6 +282,10 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     # A checkpoint caught half-written is never taken for a complete one.
     (run_dir / "checkpoints" / ".round-009.partial").mkdir()
     assert latest(run_dir).round in (2, 3)
+    # Starting the config again would lose the interrupted run: refused, with the way to continue it.
+    assert cli(["simulate", str(config_path)]) == 2
+    assert f"already holds an interrupted run (checkpoints); continue it with `fed-adapters simulate --resume {run_dir}`" \
+        in capsys.readouterr().err
 
     assert cli(["simulate", "--resume", str(run_dir)]) == 0
     ours = json.loads((run_dir / "metrics.json").read_text())["rounds"]
@@ -273,3 +297,48 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     for key in expected:
         np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
     assert cli(["simulate", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
+
+
+def test_overwrite_removes_everything_the_earlier_run_left(tmp_path, tiny_base, keyword_data) -> None:
+    """A fresh start under --overwrite keeps no checkpoint, private state or metric of the run it replaces."""
+    from fed_adapters.federated.results import RESULT_FILES, prepare_run_dir
+
+    config = tiny_config(tmp_path, tiny_base, keyword_data)
+    run_dir = config.run_dir
+
+    def leave_an_earlier_run() -> None:
+        for name in ("checkpoints/round-003", "clients/optimizer", "adapter"):
+            (run_dir / name).mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.json", "metrics.csv", "accuracy.png", "clients.csv", "personalization.png",
+                     "clients/client-0.safetensors", "notes.txt"):
+            (run_dir / name).write_text("earlier")
+
+    leave_an_earlier_run()
+    resumed = prepare_run_dir(config, resume=True)  # going on: everything stays
+    assert all((resumed / name).exists() for name in RESULT_FILES)
+    prepare_run_dir(config, overwrite=True)
+    assert not any((run_dir / name).exists() for name in RESULT_FILES)
+    assert (run_dir / "notes.txt").read_text() == "earlier"  # not the run's: left alone
+    assert (run_dir / "config.toml").read_text() == config.to_toml()
+
+
+def test_latest_checkpoint_past_round_999_and_damaged_ones(tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    from fed_adapters.configuration import ConfigError
+    from fed_adapters.federated.checkpoints import GLOBAL, STATE, round_dir
+
+    for server_round in (999, 1000, 1001):
+        path = round_dir(tmp_path, server_round)
+        path.mkdir(parents=True)
+        save_file({"w": np.full(2, server_round, dtype=np.float32)}, str(path / GLOBAL))
+        (path / STATE).write_text(json.dumps({"round": server_round, "records": [], "wire_order": ["w"]}))
+    (round_dir(tmp_path, 1001) / STATE).unlink()  # half-written: not complete
+    found = latest(tmp_path)
+    assert found.round == 1000 and float(found.arrays["w"].numpy()[0]) == 1000.0
+    (round_dir(tmp_path, 1000) / GLOBAL).write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="checkpoint .*round-1000 cannot be read .*move it away"):
+        latest(tmp_path)
+    save_file({"v": np.zeros(2, dtype=np.float32)}, str(round_dir(tmp_path, 1000) / GLOBAL))  # not the tensors it lists
+    with pytest.raises(ConfigError, match="checkpoint .*round-1000 cannot be read \\(KeyError"):
+        latest(tmp_path)

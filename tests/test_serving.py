@@ -56,8 +56,13 @@ def test_serving_errors(tmp_path, tiny_base) -> None:
     with pytest.raises(ValueError, match="2 texts but 1 client ids"):
         server.predict(["x", "y"], ["a"])
     two_labels = AdapterServer(load_model(str(tiny_base), num_labels=2), load_tokenizer(str(tiny_base)))
-    with pytest.raises(AdapterStateError, match="made for another base or label count"):
+    with pytest.raises(AdapterStateError, match="made for another base, label count or pooling .*num_labels 3"):
         two_labels.add_client("a", directories[0])
+    cls_model = load_model(str(tiny_base), num_labels=3, pooling="cls")
+    add_adapter(cls_model, AdapterConfig(bottleneck_size=4))
+    save_adapter(cls_model, tmp_path / "cls")  # its head reads the first token, the server's the mean
+    with pytest.raises(AdapterStateError, match="pooling 'cls' \\(adapter\\) vs 'mean' \\(server\\)"):
+        server.add_client("c", tmp_path / "cls")
     stacked = load_model(str(tiny_base), num_labels=3)
     add_adapter(stacked, AdapterConfig(bottleneck_size=4), "shared")
     add_adapter(stacked, AdapterConfig(bottleneck_size=4), "private")
@@ -65,6 +70,60 @@ def test_serving_errors(tmp_path, tiny_base) -> None:
     save_adapter_set(stacked, tmp_path / "stacked")
     with pytest.raises(AdapterStateError, match="holds a stack of adapters .* only single adapters batch"):
         server.add_client("s", tmp_path / "stacked")
+
+
+def test_a_failed_add_client_leaves_the_server_as_it_was(tmp_path, tiny_base) -> None:
+    good = _client_adapters(tmp_path, tiny_base, 1)[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        (bad / name).write_bytes((good / name).read_bytes())
+    metadata = json.loads((bad / "adapter_config.json").read_text())
+    metadata["adapter_config"]["bottleneck_size"] = 8  # the tensors hold 4
+    (bad / "adapter_config.json").write_text(json.dumps(metadata))
+    server = AdapterServer(load_model(str(tiny_base), num_labels=3), load_tokenizer(str(tiny_base)))
+    adapters_before = set(server.model.adapter_configs) if hasattr(server.model, "adapter_configs") else set()
+    with pytest.raises(AdapterStateError, match="has shape"):
+        server.add_client("a", bad)
+    assert set(getattr(server.model, "adapter_configs", {})) == adapters_before and server.clients == {}
+    server.add_client("a", good)  # the same client id, now from a good file
+    assert server.predict(TEXTS[:2], ["a", "a"]).shape == (2, 3)
+
+
+def test_an_adapter_trained_on_a_frozen_head_keeps_that_head(tmp_path, tiny_base) -> None:
+    """train_head=False: the head did not train, but the adapter learned against it, so it is saved with it."""
+    torch.manual_seed(7)
+    model = load_model(str(tiny_base), num_labels=3)
+    add_adapter(model, AdapterConfig(bottleneck_size=4, init="bert", scaling=10.0, train_head=False))
+    assert not model.classifier.weight.requires_grad
+    tokenizer = load_tokenizer(str(tiny_base))
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits.softmax(-1)
+    save_adapter(model, tmp_path / "frozen-head")
+    torch.manual_seed(8)  # another seed: another random head, unless the file's is loaded
+    server = AdapterServer(load_model(str(tiny_base), num_labels=3), tokenizer)
+    server.add_client("a", tmp_path / "frozen-head")
+    assert torch.allclose(server.predict(TEXTS, ["a"] * len(TEXTS)), expected, atol=1e-5)
+    # A file without its head (as saved before heads were always kept) is refused, not served with a random one.
+    from safetensors.torch import load_file, save_file
+
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    tensors = load_file(str(tmp_path / "frozen-head" / "adapter.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("head.")}, str(headless / "adapter.safetensors"))
+    metadata = json.loads((tmp_path / "frozen-head" / "adapter_config.json").read_text())
+    (headless / "adapter_config.json").write_text(json.dumps({**metadata, "includes_head": False}))
+    with pytest.raises(AdapterStateError, match="holds no classification head"):
+        server.add_client("b", headless)
+    from fed_adapters.predict import predict_file
+    from fed_adapters.data import DataError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "fine"}\n')
+    with pytest.raises(DataError, match="holds no classification head"):
+        predict_file(headless, source, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base) -> None:
@@ -93,3 +152,12 @@ def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base) -> None
     source.write_text('{"sentence": "fine"}\n')
     with pytest.raises(Exception, match=r"in.jsonl:1 lacks column\(s\) \['text'\]; name the text column"):
         cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o3.jsonl")])
+    source.write_text('{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(Exception, match=r"in.jsonl:2: column\(s\) \['text'\] must hold text, got NoneType"):
+        cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o4.jsonl")])
+    source.write_text('{"text": "fine"}\n')
+    for option, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--max-length", "0")):
+        with pytest.raises(Exception, match=f"{option} must be a whole number >= 1, got {value}"):
+            cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o5.jsonl"),
+                      option, value])
+        assert not (tmp_path / "o5.jsonl").exists()

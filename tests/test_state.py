@@ -201,3 +201,56 @@ def test_adapter_sets_round_trip_through_a_directory(tmp_path, kind: str) -> Non
     with pytest.raises(AdapterStateError, match="num_labels 3 \\(adapter head\\) vs 5"):
         load_adapter(other, tmp_path / "set")
     assert not getattr(other, "adapter_configs", {})
+
+
+def test_a_failed_load_leaves_the_active_adapter_and_trainable_flags_as_they_were(tmp_path) -> None:
+    from fed_adapters.adapters import Stack, save_adapter_set, set_active_adapter
+
+    source = tiny_model("bert")
+    add_adapter(source, AdapterConfig(bottleneck_size=4), name="shared")
+    add_adapter(source, AdapterConfig(bottleneck_size=4), name="private")
+    set_active_adapter(source, Stack("shared", "private"))
+    save_adapter_set(source, tmp_path / "set")
+    save_adapter(source, tmp_path / "single", name="shared")
+    for directory in ("set", "single"):  # damage: the config promises bottleneck 8, the tensors hold 4
+        path = tmp_path / directory / "adapter_config.json"
+        metadata = json.loads(path.read_text())
+        for config in metadata.get("adapter_configs", {"shared": metadata.get("adapter_config")}).values():
+            config["bottleneck_size"] = 8
+        path.write_text(json.dumps(metadata))
+
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4), name="mine")
+    set_active_adapter(model, "mine", train_head=False)  # not the default flags: the head frozen
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for directory in ("set", "single"):
+        with pytest.raises(AdapterStateError, match="has shape"):
+            load_adapter(model, tmp_path / directory)
+        assert model.active_adapter == "mine" and set(model.adapter_configs) == {"mine"}
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_a_head_is_not_loaded_under_another_pooling(tmp_path) -> None:
+    from fed_adapters.modeling import build_model
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    cls = build_model(config, num_labels=3, pooling="cls")
+    add_adapter(cls, AdapterConfig(bottleneck_size=4))
+    save_adapter(cls, tmp_path / "cls")
+    mean = build_model(config, num_labels=3, pooling="mean")
+    with pytest.raises(AdapterStateError, match="pooling 'cls' \\(the head reads that\\) vs 'mean'"):
+        load_adapter(mean, tmp_path / "cls")
+    assert not getattr(mean, "adapter_configs", {})
+
+
+def test_a_fusion_is_saved_with_its_adapters_not_alone(tmp_path) -> None:
+    from fed_adapters.adapters import add_fusion
+
+    model = tiny_model("bert")
+    add_adapter(model, AdapterConfig(bottleneck_size=4), name="a")
+    add_adapter(model, AdapterConfig(bottleneck_size=4), name="b")
+    add_fusion(model, ["a", "b"], name="mix")
+    with pytest.raises(AdapterStateError, match="'mix' is a fusion, not an adapter; .* save_adapter_set"):
+        save_adapter(model, tmp_path / "mix", name="mix")
+    assert not (tmp_path / "mix").exists()

@@ -181,6 +181,23 @@ def test_causal_lm_evaluation_reports_perplexity() -> None:
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
     assert after["perplexity"] < before["perplexity"] and "accuracy" not in after
 
+    # Per token over the whole set: batches of unequal length (padding labelled -100) weigh by their tokens.
+    lengths = [10, 3, 9, 2, 10, 4, 6, 2]
+    data = [{"input_ids": i, "attention_mask": (torch.arange(10) < n).long(),
+             "labels": torch.where(torch.arange(10) < n, i, -100)} for i, n in zip(ids, lengths)]
+    model.eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in data:
+            logits = model(**{k: v[None] for k, v in row.items()}).logits[0, :-1]
+            targets = row["labels"][1:]
+            keep = targets != -100
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+            tokens += int(keep.sum())
+    measured = evaluate(model, DataLoader(data, batch_size=4), device="cpu")
+    assert measured["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert measured["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+
 
 def test_device_and_precision_selection() -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,6 +242,35 @@ def test_pooled_classifier_head_is_the_only_head(pooling: str) -> None:
         model.eval()
         short = model(input_ids=ids[:1, :3], attention_mask=mask[:1, :3]).logits
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:1], short, atol=1e-5, rtol=0)
+
+
+def test_a_decoders_own_head_pads_with_its_end_of_sequence_token() -> None:
+    """pooling='model' on a decoder without a pad id: it reads the last real token, as the tokenizer pads with EOS."""
+    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, eos_token_id=EOS, bos_token_id=EOS)
+    assert config.pad_token_id is None
+    torch.manual_seed(0)
+    model = build_model(config, num_labels=2, pooling="model")
+    assert model.config.pad_token_id == EOS
+    ids = torch.tensor([[5, 6, 7, EOS], [8, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    padded = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[:1], model(input_ids=ids[:1, :3]).logits, atol=1e-5, rtol=0)
+
+
+def test_a_language_models_output_projection_is_base_not_head() -> None:
+    """Untied (Llama) or tied (GPT-2), the LM head stays frozen and never travels, whatever train_head says."""
+    from fed_adapters.adapters import adapter_state_keys
+
+    for family in ("llama", "gpt2"):
+        config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=48, tie_word_embeddings=False) if family == "llama" else \
+            tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2)
+        model = build_model(config, task="causal_lm")
+        add_adapter(model, AdapterConfig(bottleneck_size=4, train_head=True))
+        assert model.get_output_embeddings().weight.requires_grad is False
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("bottleneck_adapters" in n for n in trainable), family
+        assert not any(k.startswith("head.") for k in adapter_state_keys(model)), family
 
 
 def test_gradient_correction_is_added_to_each_step_and_the_schedule_is_summed() -> None:

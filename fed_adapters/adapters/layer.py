@@ -166,7 +166,8 @@ class AdapterLayer(nn.ModuleDict):
         return [n for n in composition_members(self.active) if n in self]
 
     def _needs_input(self) -> bool:
-        return any(self[name].config.placement == "parallel" for name in self._selected())
+        # Under routing some names may be missing here: _routed_delta then raises the error that says so.
+        return any(name in self and self[name].config.placement == "parallel" for name in self._selected())
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._needs_input():

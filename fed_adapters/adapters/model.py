@@ -46,9 +46,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig | None = None, name: str
         output_module = modules[point.output_module]
         layer = getattr(output_module, ADAPTER_ATTR, None)
         if layer is None:
-            layer = AdapterLayer(output_module, modules[point.input_module])
+            layer = AdapterLayer(output_module, modules[point.input_module]).train(model.training)
             output_module.add_module(ADAPTER_ATTR, layer)
-        layer[name] = BottleneckAdapter(d_model, config).to(reference.device)
+        # New modules follow the model's mode: an adapter added to a model in eval mode must not apply dropout.
+        layer[name] = BottleneckAdapter(d_model, config).to(reference.device).train(model.training)
     model.adapter_configs = {**adapter_configs(model), name: config}
     set_active_adapter(model, name)
     return model
@@ -82,7 +83,7 @@ def add_fusion(model: nn.Module, adapters: Sequence[str], name: str = "fusion", 
         raise AdapterConfigError(f"adapters {list(adapters)} do not sit at the same insertion points; fuse adapters of one layout")
     reference = next(model.parameters())
     for layer in layers:
-        layer[name] = AdapterFusion(int(model.config.hidden_size), dim, temperature).to(reference.device)
+        layer[name] = AdapterFusion(int(model.config.hidden_size), dim, temperature).to(reference.device).train(model.training)
     model.fusion_configs = {**fusion_configs(model), name: {"adapters": list(adapters), "dim": dim, "temperature": temperature}}
     return Fuse(*adapters, fusion=name)
 
@@ -104,13 +105,17 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Task-head parameters: everything outside `model.base_model` (classifier, score, pooler head...).
 
-    Parameters tied to the base (a language-model head sharing the embedding matrix) are excluded:
-    they are base weights and stay frozen.
+    A language model's output projection is a pretrained base weight, not a task head: tied to the
+    embeddings (GPT-2) or not (Llama, Mistral, Qwen, whose `lm_head` is vocabulary x hidden, a sizeable share
+    of the model), it stays frozen and never travels.
     """
     base = getattr(model, "base_model", model)
     if base is model:
         return []
     base_ids = {id(p) for p in base.parameters()}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        base_ids.update(id(p) for p in output.parameters())
     return [n for n, p in model.named_parameters() if id(p) not in base_ids and f".{ADAPTER_ATTR}." not in f".{n}"]
 
 

@@ -145,12 +145,17 @@ def base_signature(model: nn.Module) -> dict[str, object]:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Writes `adapter_config.json` and `adapter.safetensors` (adapter and head only, never the base).
 
-    Files are written to temporary names and renamed, so an interrupted save never leaves a torn file.
+    The task head is saved whether it trained or not: an adapter trained against a frozen, seeded head
+    (`train_head=False`) predicts nonsense under any other head. Files are written to temporary names and
+    renamed, so an interrupted save never leaves a torn file.
     """
+    if name in fusion_configs(model):
+        raise AdapterStateError(f"{name!r} is a fusion, not an adapter; activate Fuse(..., fusion={name!r}) and save it "
+                                "with its adapters by save_adapter_set")
+    config = adapter_configs(model).get(name)
+    state = adapter_state_dict(model, name, include_head=_has_head(model))  # raises for an unknown name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = adapter_configs(model).get(name)
-    state = adapter_state_dict(model, name)  # raises for an unknown name
     metadata = {
         "adapter_name": name,
         "adapter_config": config.to_dict(),
@@ -161,6 +166,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()}, path))
     _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n"))
     return directory
+
+
+def _has_head(model: nn.Module) -> bool:
+    return bool(head_parameter_names(model))
+
+
+def _model_state(model: nn.Module) -> tuple[object, dict[str, bool]]:
+    """What a failed load must put back: the active composition and which parameters train."""
+    return getattr(model, "active_adapter", None), {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore(model: nn.Module, state: tuple[object, dict[str, bool]]) -> None:
+    active, trainable = state
+    set_active_adapter(model, active)
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(trainable[param_name])
 
 
 def read_adapter_metadata(directory: str | os.PathLike) -> dict:
@@ -191,7 +212,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     existing = adapter_configs(model).get(name)
     if existing is not None and existing != config:
         raise AdapterStateError(f"model already has an adapter {name!r} with another config; pass another name")
-    previous_active = getattr(model, "active_adapter", None)
+    before = _model_state(model)
     if existing is None:
         add_adapter(model, config, name)
     try:
@@ -199,7 +220,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     except AdapterStateError:
         if existing is None:
             delete_adapter(model, name)
-            set_active_adapter(model, previous_active)
+        _restore(model, before)
         raise
     set_active_adapter(model, name)
     return name
@@ -214,6 +235,8 @@ def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
     ]
     if metadata["includes_head"] and saved["num_labels"] != here["num_labels"]:
         differences.append(f"num_labels {saved['num_labels']} (adapter head) vs {here['num_labels']} (model)")
+    if metadata["includes_head"] and saved.get("pooling", here["pooling"]) != here["pooling"]:
+        differences.append(f"pooling {saved['pooling']!r} (the head reads that) vs {here['pooling']!r} (model)")
     if differences:
         raise AdapterStateError(
             f"adapter in {directory} was made for another base ({saved['name_or_path'] or saved['model_type']}): "
@@ -264,7 +287,7 @@ def save_adapter_set(model: nn.Module, directory: str | os.PathLike) -> Path:
     state: dict[str, torch.Tensor] = {}
     for member in members:
         state.update({f"{member}/{k}": v for k, v in adapter_state_dict(model, member, include_head=False).items()})
-    includes_head = configs[adapters[-1]].train_head
+    includes_head = _has_head(model)  # trained or frozen: the adapters were trained against it (see save_adapter)
     if includes_head:
         named = dict(model.named_parameters())
         state.update({HEAD_PREFIX + n: named[n].detach().clone() for n in head_parameter_names(model)})
@@ -291,6 +314,7 @@ def _load_adapter_set(model: nn.Module, directory: Path, metadata: dict) -> str:
     clashes = [n for n in [*configs, *metadata["fusion_configs"]] if n in adapter_configs(model) or n in fusion_configs(model)]
     if clashes:
         raise AdapterStateError(f"model already has adapter(s) {clashes}; load the set onto a model without them")
+    before = _model_state(model)
     for name, config in configs.items():
         add_adapter(model, config, name)
     for name, fusion in metadata["fusion_configs"].items():
@@ -312,6 +336,7 @@ def _load_adapter_set(model: nn.Module, directory: Path, metadata: dict) -> str:
     except AdapterStateError:
         for name in [*metadata["fusion_configs"], *configs]:
             delete_adapter(model, name)
+        _restore(model, before)
         raise
     names = spec["adapters"]
     active = (Stack(*names) if spec["kind"] == "stack" else Fuse(*names, fusion=spec["fusion"]) if spec["kind"] == "fuse"

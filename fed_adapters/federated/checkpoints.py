@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
@@ -97,17 +98,19 @@ def write(run_dir: Path, server_round: int, model: nn.Module, arrays: ArrayRecor
 
 def latest(run_dir: Path) -> Checkpoint | None:
     """The newest complete checkpoint of a run (half-written ones are ignored), or None."""
-    complete = sorted(p for p in (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9]") if (p / STATE).is_file())
+    complete = [p for p in (run_dir / "checkpoints").glob("round-*")
+                if p.name.removeprefix("round-").isdigit() and (p / STATE).is_file()]
     if not complete:
         return None
-    path = complete[-1]
+    path = max(complete, key=lambda p: int(p.name.removeprefix("round-")))  # round-1000 comes after round-999
     try:
         state = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / GLOBAL))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"checkpoint {path} cannot be read ({error}); move it away to resume from the one before") from None
-    arrays = ArrayRecord({name: Array(tensors[name]) for name in state["wire_order"]})
-    return Checkpoint(int(state["round"]), path, arrays, state["records"], state)
+        arrays = ArrayRecord({name: Array(tensors[name]) for name in state["wire_order"]})
+        return Checkpoint(int(state["round"]), path, arrays, state["records"], state)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); move it away to resume "
+                          "from the one before") from None
 
 
 def restore(checkpoint: Checkpoint, strategy: Strategy | None, private_dir: Path | None) -> None:

@@ -106,6 +106,10 @@ class DataSection:
     train_size: int = 0  # 0 = every training example
     test_size: int = 0  # 0 = the whole held-out split
 
+    def __post_init__(self) -> None:
+        _at_least("data.train_size", self.train_size, 0)  # 0 = all
+        _at_least("data.test_size", self.test_size, 0)
+
     @property
     def columns(self) -> TextColumns:
         return TextColumns(self.text, self.text_pair or None, self.label)
@@ -159,6 +163,8 @@ class StrategySection:
         _choice("strategy.name", self.name, STRATEGIES)
         _choice("strategy.sampling", self.sampling, SAMPLINGS)
         _at_least("strategy.num_rounds", self.num_rounds, 1)
+        _at_least("strategy.min_train_clients", self.min_train_clients, 1)
+        _at_least("strategy.min_evaluate_clients", self.min_evaluate_clients, 1)
         _at_least("strategy.krum_malicious", self.krum_malicious, 0)
         _at_least("strategy.krum_select", self.krum_select, 0)
         if self.max_update_norm < 0:
@@ -166,6 +172,17 @@ class StrategySection:
         for key in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"strategy.{key} must lie in [0, 1], got {getattr(self, key)}")
+        if self.fraction_train == 0:
+            raise ConfigError("strategy.fraction_train = 0 trains no client; give the fraction of clients each round trains")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"strategy.trim_beta (the fraction FedTrimmedAvg cuts at each end) must lie in [0, 0.5), "
+                              f"got {self.trim_beta}")
+        for key, value in (("proximal_mu", self.proximal_mu), ("server_lr", self.server_lr)):
+            if value < 0:
+                raise ConfigError(f"strategy.{key} must be >= 0, got {value}")
+        for key, value in (("tau", self.tau), ("round_timeout", self.round_timeout)):
+            if value <= 0:
+                raise ConfigError(f"strategy.{key} must be > 0, got {value}")
 
 
 @dataclass
@@ -185,6 +202,9 @@ class TrainSection(Optimization):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _at_least("train.local_steps", self.local_steps, 0)  # 0 = local_epochs decides
+        if self.local_steps == 0 and self.local_epochs <= 0:
+            raise ConfigError(f"train.local_epochs must be > 0 (or train.local_steps >= 1), got {self.local_epochs}")
         if self.keep_optimizer_state and self.optimizer != "adamw":
             raise ConfigError(f"train.keep_optimizer_state keeps AdamW's moments, but train.optimizer = {self.optimizer!r} "
                               "keeps no state: set it to false or use optimizer 'adamw'")
@@ -420,6 +440,16 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     return load_toml(path, RunConfig, overrides)
+
+
+def load_run_dir_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was started with, pointing at that directory wherever it now lies
+    (its checkpoints, private states and results are read there, never at the path it was first written to)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml); give the directory a run wrote")
+    config = load_run_config(run_dir / "config.toml")
+    return dataclasses.replace(config, results_dir=str(run_dir.parent), run_name=run_dir.name)
 
 
 def run_config_from_flat(flat: dict[str, Any]) -> RunConfig:

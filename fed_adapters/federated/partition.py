@@ -104,6 +104,9 @@ def partition(dataset: datasets.Dataset, section: PartitionSection, label_column
     if needed not in dataset.column_names:
         what = "partition.column" if section.method == "natural" else "data.label"
         raise ConfigError(f"{section.method} partitioning needs column {needed!r} ({what}); the data has {dataset.column_names}")
+    if section.method == "natural" and None in dataset.unique(needed):
+        raise ConfigError(f"natural partitioning by {needed!r} (partition.column): some rows have no value there; give "
+                          "every row its client id, or drop the rows without one")
     if section.method != "natural" and section.num_clients > len(dataset):
         raise ConfigError(
             f"partition.num_clients = {section.num_clients} is more clients than the {len(dataset)} training examples; "

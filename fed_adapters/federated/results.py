@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +19,10 @@ from ..configuration import ConfigError  # noqa: E402
 from ..provenance import environment  # noqa: E402
 from .config import RunConfig  # noqa: E402
 
-RESULT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "adapter", "clients.csv")
+# What a run leaves in its directory besides config.toml and partition.json (rewritten by every start):
+# an interrupted run's checkpoints and its clients' private states are results too.
+RESULT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "adapter", "clients.csv", "personalization.png",
+                "checkpoints", "clients")
 # Column order of metrics.csv: global metrics first, then traffic, clients and time.
 ROUND_FIELDS = (
     "round", "accuracy", "loss", "macro_f1", "perplexity", "clients_sampled", "clients_replied", "clients_failed",
@@ -33,19 +38,43 @@ def check_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
     run_dir = config.run_dir
     existing = [name for name in RESULT_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
+        interrupted = "checkpoints" in existing and "metrics.json" not in existing
         raise ConfigError(
-            f"{run_dir} already holds results ({', '.join(existing)}); choose another run name "
-            "(--set run_name=...) or pass --overwrite"
+            f"{run_dir} already holds {'an interrupted run' if interrupted else 'results'} ({', '.join(existing)}); "
+            + (f"continue it with `fed-adapters simulate --resume {run_dir}`, " if interrupted else "")
+            + "choose another run name (--set run_name=...) or pass --overwrite"
         )
     return run_dir
 
 
-def prepare_run_dir(config: RunConfig, overwrite: bool = False) -> Path:
-    """Creates the run directory and writes the resolved config; refuses to overwrite earlier results."""
-    run_dir = check_run_dir(config, overwrite)
+def prepare_run_dir(config: RunConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """The run directory with the resolved config written, for a run that starts now (`resume`: goes on).
+
+    A fresh start refuses earlier results unless `overwrite`, and then removes them all first, so that no
+    checkpoint, private state or metric of the earlier run survives into this one.
+    """
+    run_dir = config.run_dir
+    if not resume:
+        check_run_dir(config, overwrite)
+        for name in RESULT_FILES:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
     return run_dir
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: float, num_clients: int,
@@ -70,7 +99,8 @@ def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: fl
         metadata["tensors_up"] = sorted(wire_keys["up"])
     payload = {"run": metadata, "rounds": records, **({"clients": clients} if clients else {}),
                **({"head_calibration": calibration} if calibration else {})}
-    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    # Strict JSON: a value that does not exist (a round every client failed has no train loss) is null, not NaN.
+    (run_dir / "metrics.json").write_text(json.dumps(_finite(payload), indent=2, allow_nan=False) + "\n")
     present = list(dict.fromkeys(key for record in records for key in record))
     columns = [f for f in ROUND_FIELDS if f in present] + [f for f in present if f not in ROUND_FIELDS]
     with (run_dir / "metrics.csv").open("w", newline="") as handle:

@@ -47,7 +47,7 @@ def run_federation(
     """
     wire = wire or SharedWire(config)
     seed_everything(config.seed)
-    run_dir = results.prepare_run_dir(config, overwrite or resume)
+    run_dir = results.prepare_run_dir(config, overwrite, resume)
     num_clients = _partition_report(config, run_dir, verbose)
 
     # A fresh model, not the per-process cache: an earlier run in this process must not leak its weights in.

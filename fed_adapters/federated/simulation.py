@@ -8,10 +8,8 @@ spread over all of them; `simulation.ray_num_gpus` caps how many Ray may use.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -23,11 +21,12 @@ from ..configuration import ConfigError
 from ..data import check_columns, check_labels
 from . import checkpoints
 from .client_app import app as adapter_client_app
-from .config import RunConfig, load_run_config
+from .config import RunConfig
 from .personalization import WireFormat
 from .recording import RoundRecorder
 from .results import check_run_dir
 from .server_app import run_federation
+from .strategies import make_strategy
 from .task import build_adapted_model, shards, test_data, training_data
 
 
@@ -53,6 +52,11 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
     model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
+    if not config.privacy.secure_aggregation:  # Flower's strategies check their own arguments when built
+        try:
+            make_strategy(config, len(client_shards), RoundRecorder(config.strategy.num_rounds, verbose=False))
+        except ValueError as error:
+            raise ConfigError(f"strategy {config.strategy.name!r} refuses these settings: {error}") from None
     return len(client_shards), model
 
 
@@ -65,15 +69,6 @@ def check_resumable(config: RunConfig) -> None:
         raise ConfigError(f"{run_dir} has no complete checkpoint to resume from; start the run again without --resume")
     if checkpoint.round >= config.strategy.num_rounds:
         raise ConfigError(f"{run_dir}: checkpoint round {checkpoint.round} is the last; nothing to resume")
-
-
-def load_resumable(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run directory was started with, pointing at that directory wherever it now lies."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.toml); give the directory a run wrote")
-    config = load_run_config(run_dir / "config.toml")
-    return dataclasses.replace(config, results_dir=str(run_dir.parent), run_name=run_dir.name)
 
 
 def simulate(
