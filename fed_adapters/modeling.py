@@ -134,13 +134,34 @@ def _task_model(config: PretrainedConfig, task: str, num_labels: int, pooling: s
             # load_tokenizer pads with (end-of-sequence).
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
-        return _make(AutoModelForSequenceClassification, config, source)
+        return _head_in_float32(_make(AutoModelForSequenceClassification, config, source))
     if getattr(config, "is_encoder_decoder", False):
         raise ModelConfigError(
             f"pooling={pooling!r} needs an encoder or a decoder, {config.model_type} is encoder-decoder; "
             "use pooling='model' (the architecture's own classification head)"
         )
     return PooledClassifier(_make(AutoModel, config, source), num_labels, pooling)
+
+
+def _head_in_float32(model: nn.Module) -> nn.Module:
+    """The architecture's own head in float32, fed float32, whatever the base's dtype.
+
+    transformers loads a checkpoint in its own dtype, so a bf16 checkpoint (most decoders on the Hub) would get
+    a bf16 head: it would train in half precision and could not travel (NumPy has no bfloat16). The base stays
+    as loaded; only the head's modules (outside the base model) are cast, with their inputs.
+    """
+    base = model.base_model
+    for module in model.children():
+        if module is base or not any(p.is_floating_point() for p in module.parameters()):
+            continue
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_inputs_in_float32)
+    return model
+
+
+def _inputs_in_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _make(auto_class, config: PretrainedConfig, source: str | None) -> nn.Module:

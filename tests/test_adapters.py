@@ -144,6 +144,20 @@ def test_layers_and_leave_out_select_layers() -> None:
     assert bottom and all(".layer.0.output.dense." in n for n in bottom)
 
 
+def test_a_deeper_decoder_gets_adapters_in_every_block() -> None:
+    import transformers as tf
+    from fed_adapters.modeling import build_model
+
+    config = tf.T5Config(d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=4, num_heads=2, vocab_size=64,
+                         decoder_start_token_id=0)
+    model = build_model(config, num_labels=2, pooling="model")
+    points = find_insertion_points(model, AdapterConfig(location="ffn"))
+    assert sorted({p.layer for p in points if ".decoder." in p.output_module}) == [0, 1, 2, 3]
+    assert sorted({p.layer for p in points if ".encoder." in p.output_module}) == [0, 1]
+    top = find_insertion_points(model, AdapterConfig(location="ffn", layers=[3]))
+    assert top and all(".decoder." in p.output_module for p in top)
+
+
 def test_reduction_factor_sets_the_bottleneck() -> None:
     model = tiny_model("bert")
     add_adapter(model, AdapterConfig(reduction_factor=4, location="ffn"))

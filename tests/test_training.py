@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import transformers as tf
@@ -255,6 +257,28 @@ def test_a_decoders_own_head_pads_with_its_end_of_sequence_token() -> None:
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     padded = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(padded[:1], model(input_ids=ids[:1, :3]).logits, atol=1e-5, rtol=0)
+
+
+def test_a_half_precision_checkpoint_gets_a_float32_head(tmp_path) -> None:
+    """transformers loads a bf16 checkpoint in bf16; the architecture's own head must still train and travel."""
+    from fed_adapters.adapters import to_ndarrays
+    from fed_adapters.modeling import load_model
+
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=48, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), num_labels=2, pooling="model")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the base stays as loaded
+    assert model.score.weight.dtype == torch.float32
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    assert {a.dtype for a in to_ndarrays(model)} == {np.dtype("float32")}
+    batch = {"input_ids": torch.randint(2, VOCAB, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    before = model.score.weight.detach().clone()
+    train(model, [batch], max_steps=1, lr=1e-2, device="cpu")
+    assert not torch.equal(model.score.weight.detach(), before)
+    assert model(**batch).logits.dtype == torch.float32
 
 
 def test_a_language_models_output_projection_is_base_not_head() -> None:

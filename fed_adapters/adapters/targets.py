@@ -81,8 +81,10 @@ class InsertionPoint:
 
 
 def num_layers(model: nn.Module) -> int:
-    """Transformer layers per stack (HF configs alias n_layer / num_layers / n_layers to this name)."""
-    return int(model.config.num_hidden_layers)
+    """Transformer layers per stack (HF configs alias n_layer / num_layers / n_layers to this name); an
+    encoder-decoder whose decoder is deeper (T5's num_decoder_layers) counts the deeper stack's."""
+    config = model.config
+    return max(int(config.num_hidden_layers), int(getattr(config, "num_decoder_layers", None) or 0))
 
 
 def find_insertion_points(model: nn.Module, config: AdapterConfig) -> list[InsertionPoint]:
