@@ -14,7 +14,7 @@ from fed_adapters.cli import main as cli
 from fed_adapters.configuration import to_toml
 from fed_adapters.deploy.certs import CertificateError, create_certificates, superlink_hosts
 from fed_adapters.deploy.local import REFUSED, LoopbackFederation, Silo
-from fed_adapters.deploy.processes import alive
+from fed_adapters.deploy.processes import ProcessError, alive
 from fed_adapters.deploy.try_local import APP_DIR, deployment_config, write_silo_data
 from fed_adapters.federated.task import build_adapted_model
 from fed_adapters.modeling import load_model
@@ -41,6 +41,21 @@ def test_certs_cover_the_hosts_and_never_overwrite(tmp_path) -> None:
         create_certificates(tmp_path / "new", ["x"], hosts=["bad host"])
     assert not (tmp_path / "new").exists()  # nothing written for a bad request
     assert cli(["deploy", "certs", str(tmp_path / "cli"), "--nodes", "a/b"]) == 2
+    for bad in ("s" * 70 + ".example.org", "bücher.example.org"):
+        with pytest.raises(CertificateError, match="is neither a host name nor an IP"):
+            create_certificates(tmp_path / "new", ["x"], hosts=[bad])
+        assert not (tmp_path / "new").exists()
+    long_name = "a" * 60 + "." + "b" * 60 + ".example.org"  # a valid DNS name longer than a common name may be
+    assert long_name in superlink_hosts(create_certificates(tmp_path / "long", [], hosts=[long_name]))
+
+    # The silo took its .key away; running the command again (another node added) keeps the registered .pub.
+    registered = certs.node_public_key("silo-a").read_bytes()
+    certs.node_key("silo-a").unlink()
+    create_certificates(tmp_path, ["silo-a", "silo-c"])
+    assert certs.node_public_key("silo-a").read_bytes() == registered and not certs.node_key("silo-a").exists()
+    # Hosts compare as certificates do: an IPv6 address in any spelling, a name in any case.
+    v6 = create_certificates(tmp_path / "v6", [], hosts=["2001:DB8::1", "Link.Example.org"])
+    create_certificates(v6.directory, [], hosts=["2001:db8:0::1", "link.example.org"])
 
 
 def _free_port() -> int:
@@ -85,3 +100,100 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path, tiny_base, keyword
     load_adapter(load_model(str(tiny_base), num_labels=2), run_dir / "adapter")
     # The silos' data stayed on the nodes: the server's partition report knows only that nodes hold it.
     assert json.loads((run_dir / "partition.json").read_text()) == {"method": "nodes", "clients": []}
+
+
+def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from multiprocessing.connection import Client, Listener
+
+    from fed_adapters.federated import node_worker
+
+    node = {"data-path": str(tmp_path / "data.jsonl"), "state-dir": str(tmp_path / "state"), "client-id": "3"}
+    files = node_worker.WorkerFiles(node)
+    # A pid file left behind naming a process that is no worker: never taken for one (nor stopped as one).
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        files.directory.mkdir(parents=True)
+        (files.directory / "worker-0.pid").write_text(str(stranger.pid))
+        assert node_worker.running_pids(files.directory) == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+    # A ClientApp that connects and goes away does not take the worker (and its cached base) down.
+    node_worker._start(files, node, idle_seconds=60).close()  # hung up without a request
+    pid = int(files.pid.read_text())
+    with Client(files.address, family="AF_UNIX", authkey=files.authkey()) as connection:
+        connection.send(("no-such-work", {}, {}, node, 0))
+        status, payload = connection.recv()
+    assert (status, payload) == ("error", "KeyError: 'no-such-work'")
+    assert node_worker.running_pids(files.directory) == [pid]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while node_worker.running_pids(files.directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not files.pid.exists()  # a stopped worker leaves no pid file
+
+    # A worker that dies while working: the ClientApp says so and where its log is, not a bare EOFError.
+    listener = Listener(files.address, family="AF_UNIX", authkey=files.authkey())
+
+    def die_after_reading() -> None:
+        with listener.accept() as connection:
+            connection.recv()
+        listener.close()
+
+    threading.Thread(target=die_after_reading, daemon=True).start()
+    with pytest.raises(RuntimeError, match=f"worker stopped while working on this message .*its log {files.log}"):
+        node_worker.call("train", {}, {}, node, 0)
+
+
+def test_a_node_names_its_client_with_a_number() -> None:
+    from fed_adapters.federated.mods import client_id
+
+    assert client_id({"client-id": "3"}, node_id=99) == 3 and client_id({}, node_id=7) == 7
+    with pytest.raises(ValueError, match="client-id='hospital-a' must be a whole number"):
+        client_id({"client-id": "hospital-a"}, node_id=7)
+
+
+def test_a_taken_port_is_named_before_anything_starts(tmp_path) -> None:
+    port = _free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        federation = LoopbackFederation(tmp_path, [], port=port, insecure=True)
+        with pytest.raises(ProcessError, match=f"port {port} on 127.0.0.1 is taken .* choose another --port"):
+            with federation:
+                pass
+        assert federation.processes.started == []
+
+
+@pytest.mark.integration
+def test_sigterm_to_a_local_deployment_stops_every_process(tmp_path, tiny_base, keyword_data) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from fed_adapters.deploy.processes import descendants, stop_pids
+
+    silos = write_silo_data(tiny_config(tmp_path, tiny_base, keyword_data), 1, tmp_path / "silo-data")
+    script = (f"from pathlib import Path\nfrom fed_adapters.deploy.local import LoopbackFederation, Silo\n"
+              f"with LoopbackFederation({str(tmp_path / 'work')!r}, [Silo('a', Path({str(silos[0].data_path)!r}))], "
+              f"port={_free_port()}, insecure=True):\n    print('up', flush=True)\n    input()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    federation: list[int] = []
+    try:
+        assert holder.stdout.readline() == "up\n"  # SuperLink and SuperNode are running
+        federation = descendants(holder.pid)[1:]
+        assert len(federation) >= 2
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=60)
+        survivors = [pid for pid in federation if alive(pid)]
+    finally:
+        holder.kill()
+        stop_pids([pid for pid in federation if alive(pid)], grace=0)  # whatever a failure left behind
+    assert not survivors

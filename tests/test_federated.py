@@ -207,6 +207,8 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[strategy]\nsampling = 'cyclic'\n", "strategy.sampling = 'cyclic' is not one of uniform, shuffled"),
     ("[strategy]\nname = 'fedtrimmedavg'\ntrim_beta = 0.5\n", "strategy.trim_beta .* must lie in \\[0, 0.5\\), got 0.5"),
     ("[strategy]\nfraction_train = 0.0\n", "strategy.fraction_train = 0 trains no client"),
+    ("[personalization]\nmode = 'ditto'\nprivate_bottleneck = 4\n",
+     "mode = 'ditto' pulls the private adapter .* leave personalization.private_bottleneck at 0"),
     ("[strategy]\nmin_train_clients = 0\n", "strategy.min_train_clients must be >= 1, got 0"),
     ("[strategy]\nround_timeout = 0.0\n", "strategy.round_timeout must be > 0, got 0.0"),
     ("[data]\ntest_size = -1\n", "data.test_size must be >= 0, got -1"),
@@ -220,6 +222,17 @@ def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_run_config(path)
+
+
+def test_the_process_cache_keeps_one_base_per_model_adapter_and_seed(tmp_path, tiny_base, keyword_data) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, personalization={"mode": "ditto"})
+    first, _ = model_and_tokenizer(config)
+    assert model_and_tokenizer(dataclasses.replace(config, run_name="another-run"))[0] is first  # reused
+    other_seed, _ = model_and_tokenizer(dataclasses.replace(config, seed=1))
+    assert other_seed is not first  # its private adapter starts from seed 1's draw, as in a fresh process
+    fresh = build_adapted_model(dataclasses.replace(config, seed=1))
+    for (name, a), (_, b) in zip(other_seed.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_a_moved_run_directory_reads_its_own_files(tmp_path) -> None:

@@ -59,6 +59,8 @@ def test_lda_head_matches_the_textbook_formula_and_refuses_a_missing_label() -> 
         np.testing.assert_allclose(bias[c], -0.5 * means[c] @ inverse @ means[c] + np.log(counts[c] / 40), atol=1e-10)
     with pytest.raises(CalibrationError, match=r"label\(s\) \[1\].*head_calibration.fraction"):
         lda_head(np.array([5.0, 0.0]), means, covariance, 0.1)
+    with pytest.raises(CalibrationError, match="covariance is singular at shrinkage 0.0; raise head_calibration.shrinkage"):
+        lda_head(counts, means, np.zeros((4, 4)), 0.0)  # e.g. every client's features identical
 
 
 def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_features(tmp_path, tiny_base, keyword_data) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -14,11 +15,22 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from ray import cloudpickle
+
 from conftest import tiny_config
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.client_app import app as client_app
+from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
+from fed_adapters.federated.mods import clip_when_asked
 from fed_adapters.federated.server_app import run_federation
 from fed_adapters.federated.simulation import backend_config, simulate
+
+# Ray actors cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_central_dp_clips_updates_adds_noise_and_still_learns(tmp_path, tiny_base, keyword_data) -> None:
@@ -53,6 +65,48 @@ def test_central_dp_clips_updates_adds_noise_and_still_learns(tmp_path, tiny_bas
     saved = json.loads((config.run_dir / "metrics.json").read_text())["rounds"]
     assert [r["dp_epsilon"] for r in saved[1:]] == epsilons
     assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.15, [r["accuracy"] for r in records]
+
+
+unreliable_app = ClientApp()
+
+
+@unreliable_app.train(mods=[clip_when_asked])
+def nan_in_round_1_crash_in_round_2(msg: Message, context: Context) -> Message:
+    """Client 1's round-1 update is NaN (rejected by the server's screening); client 0 raises in round 2."""
+    client, run_round = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    if (client, run_round) == (0, 2):
+        raise RuntimeError("client 0 crashed")
+    reply = train_adapter(msg, context)
+    if (client, run_round) == (1, 1):
+        arrays = reply.content["arrays"]
+        name = next(iter(arrays))
+        arrays[name] = Array(np.full(arrays[name].shape, np.nan, dtype=np.float32))
+    return reply
+
+
+unreliable_app.evaluate()(evaluate_adapter)
+
+
+def test_dp_accounts_for_fewer_updates_records_failed_rounds_and_evaluates_clients(tmp_path, tiny_base, keyword_data) -> None:
+    """A mean over fewer clients than sampled spends more privacy; a failed client skips the round, on the record;
+    per-round client evaluation still averages by examples (training averages uniformly under DP)."""
+    multiplier = 0.8
+    config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"local_test_fraction": 0.2},
+                         strategy={"num_rounds": 3, "fraction_evaluate": 1.0},
+                         privacy={"dp": "central", "clipping_norm": 0.5, "noise_multiplier": multiplier})
+    records = simulate(config, verbose=False, client_app=unreliable_app).records
+    first, second, third = records[1:]
+    assert first["updates_rejected"] == 1 and first["dp_noise_multiplier"] == pytest.approx(multiplier * 3 / 4)
+    assert second["skipped"] == 1 and second["clients_failed"] == 1 and "dp_epsilon" not in second
+    assert third["dp_noise_multiplier"] == pytest.approx(multiplier)
+    ledger = RdpAccountant(PrivacyConfig(target_delta=config.privacy.target_delta, population_size=4,
+                                         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                         sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    ledger.compose(GaussianPrivacyEvent(multiplier * 3 / 4, 4, 4))
+    assert first["dp_epsilon"] == pytest.approx(ledger.get_privacy_spent().epsilon)
+    ledger.compose(GaussianPrivacyEvent(multiplier, 4, 4))
+    assert third["dp_epsilon"] == pytest.approx(ledger.get_privacy_spent().epsilon)
+    assert all(r["eval_clients_replied"] == 4 and 0 <= r["client_accuracy"] <= 1 for r in (first, third))
 
 
 def test_dp_needs_a_uniform_mean(tmp_path, tiny_base, keyword_data) -> None:

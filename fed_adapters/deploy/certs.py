@@ -72,15 +72,26 @@ def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
+def _host_key(host: str) -> str:
+    """A host as certificates compare it: an IP address in its canonical form, a DNS name in lower case."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
-            if not host or any(c in host for c in " /:"):
+            labels = host.split(".")
+            if (not host or len(host) > 253 or not host.isascii() or any(c in host for c in " /:")
+                    or not all(0 < len(label) <= 63 for label in labels)):
                 raise CertificateError(f"{host!r} is neither a host name nor an IP address; give e.g. "
-                                       "--hosts superlink.example.org 10.0.0.5") from None
+                                       "--hosts superlink.example.org 10.0.0.5 (an internationalised name in its "
+                                       "xn-- form)") from None
             names.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(names)
 
@@ -115,7 +126,9 @@ def _create_superlink_cert(certs: CertificateSet, hosts: list[str], ca_cert: x50
                            ca_key: ec.EllipticCurvePrivateKey, days: int) -> None:
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
-        x509.CertificateBuilder().subject_name(_subject(hosts[0])).issuer_name(ca_cert.subject).public_key(key.public_key())
+        # The SAN is what clients check; the common name is only a label (and limited to 64 characters).
+        x509.CertificateBuilder().subject_name(_subject("fed-adapters SuperLink")).issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - datetime.timedelta(minutes=5)).not_valid_after(_now() + datetime.timedelta(days=days))
         .add_extension(_san(hosts), critical=False)
@@ -160,7 +173,8 @@ def create_certificates(directory: str | Path, nodes: list[str], hosts: list[str
     certs.directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _load_or_create_ca(certs, days)
     if certs.superlink_cert.exists():
-        missing = [h for h in hosts or [] if h not in superlink_hosts(certs)]
+        covered = {_host_key(h) for h in superlink_hosts(certs)}
+        missing = [h for h in hosts or [] if _host_key(h) not in covered]
         if missing:
             raise CertificateError(
                 f"{certs.superlink_cert} exists and does not cover {missing}; move superlink.crt and superlink.key "
@@ -168,6 +182,8 @@ def create_certificates(directory: str | Path, nodes: list[str], hosts: list[str
     else:
         _create_superlink_cert(certs, list(hosts or DEFAULT_HOSTS), ca_cert, ca_key, days)
     for name in nodes:
-        if not certs.node_key(name).exists():
+        # Either half present means the node has its keys: the silo may have taken the .key away, and the
+        # SuperLink knows the .pub; a new pair would lock the node out.
+        if not certs.node_key(name).exists() and not certs.node_public_key(name).exists():
             _create_node_keys(certs, name)
     return certs

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -58,15 +61,20 @@ class LoopbackFederation:
 
     # --- bring-up ---------------------------------------------------------------------------------------
     def __enter__(self) -> LoopbackFederation:
+        self._signals = _stop_on_termination()
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            for signum, handler in self._signals.items():
+                signal.signal(signum, handler)
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +99,7 @@ class LoopbackFederation:
             f'address = "127.0.0.1:{self.port}"\n{security}\n')
 
     def _start_superlink(self) -> None:
+        _check_port_free(self.port)  # else the health check below could answer for another SuperLink
         if self.insecure:
             security = ["--insecure"]
         else:
@@ -174,3 +183,25 @@ class LoopbackFederation:
     @staticmethod
     def node_config(silo: Silo) -> dict:
         return {"data-path": str(silo.data_path), **({"state-dir": str(silo.state_dir)} if silo.state_dir else {})}
+
+
+def _stop_on_termination() -> dict:
+    """SIGTERM / SIGHUP end the `with` block like Ctrl-C does, so that every process is stopped (the default
+    action would end this process alone and leave the federation running); returns the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port in TIME_WAIT is free; a listener is not
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise ProcessError(f"port {port} on 127.0.0.1 is taken ({error.strerror}): another SuperLink or program "
+                               "listens there; stop it or choose another --port") from None

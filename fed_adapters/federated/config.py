@@ -220,7 +220,7 @@ class PersonalizationSection:
     finetune_steps: int = 20  # finetune: local steps on a copy of the global adapter before the personal evaluation
     private: str = "head"  # split: the head, the top `private_layers` layers' adapters (+ head), or a stacked adapter (+ head)
     private_layers: int = 1
-    private_bottleneck: int = 0  # stacked / ditto / fusion: the private adapter's bottleneck, 0 = the shared one's
+    private_bottleneck: int = 0  # stacked / fusion: the private adapter's bottleneck, 0 = the shared one's
     ditto_lambda: float = 0.1  # ditto: proximal pull of the private adapter toward the global one
     fusion_dim: int = 64  # fusion: width of the attention's query and key
     state_dir: str = ""  # where clients keep private tensors; "" = <run dir>/clients
@@ -234,6 +234,9 @@ class PersonalizationSection:
         _at_least("personalization.fusion_dim", self.fusion_dim, 1)
         if self.ditto_lambda < 0:
             raise ConfigError(f"personalization.ditto_lambda must be >= 0, got {self.ditto_lambda}")
+        if self.mode == "ditto" and self.private_bottleneck:
+            raise ConfigError("personalization.mode = 'ditto' pulls the private adapter toward the global one weight by "
+                              "weight, so both need one shape: leave personalization.private_bottleneck at 0")
 
 
 @dataclass

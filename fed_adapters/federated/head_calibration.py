@@ -88,7 +88,11 @@ def lda_head(counts: np.ndarray, means: np.ndarray, covariance: np.ndarray, shri
         )
     dim = covariance.shape[0]
     shrunk = (1.0 - shrinkage) * covariance + shrinkage * np.trace(covariance) / dim * np.eye(dim)
-    solved = np.linalg.solve(shrunk, means.T).T  # rows: S^-1 mu_c
+    try:
+        solved = np.linalg.solve(shrunk, means.T).T  # rows: S^-1 mu_c
+    except np.linalg.LinAlgError:
+        raise CalibrationError(f"the pooled features' covariance is singular at shrinkage {shrinkage}; raise "
+                               "head_calibration.shrinkage (e.g. 0.1)") from None
     bias = -0.5 * np.sum(solved * means, axis=1) + np.log(counts / counts.sum())
     return solved, bias
 

@@ -41,7 +41,12 @@ def split_controls(arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarr
 
 def client_id(node: dict, node_id: int) -> int:
     """The client a node serves: its partition (simulation), its `client-id` node config, or its node id."""
-    return int(node.get("partition-id", node.get("client-id", node_id % 2**31)))
+    value = node.get("partition-id", node.get("client-id", node_id % 2**31))
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config client-id={value!r} must be a whole number (it seeds the node's training and "
+                         "names its private state), e.g. --node-config \"client-id=3 data-path=...\"") from None
 
 
 def clip_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

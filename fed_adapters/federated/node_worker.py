@@ -18,12 +18,14 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from contextlib import contextmanager
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from ..deploy.processes import alive, stat_fields  # stdlib only: keeps the Clie
 START_TIMEOUT = 600.0  # seconds a new worker may take to import and listen
 SUPERNODE = "flower-supernode"
 APP_ROOT = Path(__file__).resolve().parents[2]  # the installed Flower App (or the repository)
+MODULE = "fed_adapters.federated.node_worker"  # how workers are started, and recognised in /proc
 
 
 def wanted(node: dict) -> bool:
@@ -73,14 +76,16 @@ class WorkerFiles:
 
 
 def running_pids(state_dir: str | Path) -> list[int]:
-    """Pids of the workers whose pid files are in `state_dir` and that still run."""
+    """Pids of the workers whose pid files are in `state_dir` and that still run as node workers (a pid file
+    left by a worker that died may name a process the system has since given that pid)."""
     pids = []
     for path in Path(state_dir).glob("worker-*.pid"):
         try:
             pid = int(path.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if alive(pid):
+        if alive(pid) and MODULE.encode() in command:
             pids.append(pid)
     return pids
 
@@ -94,8 +99,12 @@ def call(kind: str, arrays: dict, message_config: dict, node: dict, node_id: int
     with _locked(files):
         connection = _connect(files) or _start(files, node, idle)
     with connection:
-        connection.send((kind, arrays, message_config, node, node_id))
-        status, payload = connection.recv()
+        try:
+            connection.send((kind, arrays, message_config, node, node_id))
+            status, payload = connection.recv()
+        except (EOFError, OSError) as error:
+            raise RuntimeError(f"the node's worker stopped while working on this message ({type(error).__name__}); "
+                               f"its log {files.log} says why") from None
     if status != "ok":
         raise RuntimeError(f"the node's worker failed: {payload} (log: {files.log})")
     return payload
@@ -118,11 +127,15 @@ def _connect(files: WorkerFiles) -> Connection | None:
         return Client(files.address, family="AF_UNIX", authkey=files.authkey())
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    except AuthenticationError:
+        raise RuntimeError(f"the node's worker (pid file {files.pid}) holds another key than {files.key}: the state "
+                           "directory was reset while it ran; stop that worker (it also exits by itself once idle "
+                           "or once its SuperNode stops)") from None
 
 
 def _start(files: WorkerFiles, node: dict, idle_seconds: float) -> Connection:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "fed_adapters.federated.node_worker", json.dumps(node),
+    command = [sys.executable, "-m", MODULE, json.dumps(node),
                "--watch-pid", str(_supernode_pid()), "--idle-seconds", str(idle_seconds)]
     with files.log.open("ab") as log:
         worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,21 +182,33 @@ def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
                 os._exit(0)
 
     threading.Thread(target=watchdog, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped: leave no pid file behind (the finally below)
     print(f"worker {os.getpid()} serving {files.directory} for SuperNode {watch_pid}", flush=True)
-    while True:
-        try:
-            connection = listener.accept()
-        except Exception as error:  # a client with the wrong key, or one that hung up: not the worker's end
-            print(f"refused a connection: {type(error).__name__}: {error}", flush=True)
-            continue
-        with busy, connection:
-            kind, arrays, message_config, node, node_id = connection.recv()
+    try:
+        while True:
             try:
-                connection.send(("ok", HANDLERS[kind](arrays, message_config, node, node_id)))
-            except Exception as error:  # the ClientApp reports it to the server as this client's failure
-                traceback.print_exc()
-                connection.send(("error", f"{type(error).__name__}: {error}"))
-            last_work[0] = time.monotonic()
+                connection = listener.accept()
+            except Exception as error:  # a client with the wrong key, or one that hung up: not the worker's end
+                print(f"refused a connection: {type(error).__name__}: {error}", flush=True)
+                continue
+            with busy, connection:
+                try:
+                    _answer(connection, HANDLERS)
+                except (EOFError, OSError) as error:  # the ClientApp went away (killed, timed out): serve the next
+                    print(f"lost a ClientApp connection: {type(error).__name__}: {error}", flush=True)
+                last_work[0] = time.monotonic()
+    finally:
+        files.pid.unlink(missing_ok=True)
+
+
+def _answer(connection: Connection, handlers: dict) -> None:
+    kind, arrays, message_config, node, node_id = connection.recv()
+    try:
+        result = ("ok", handlers[kind](arrays, message_config, node, node_id))
+    except Exception as error:  # the ClientApp reports it to the server as this client's failure
+        traceback.print_exc()
+        result = ("error", f"{type(error).__name__}: {error}")
+    connection.send(result)
 
 
 def main(argv: list[str] | None = None) -> None:

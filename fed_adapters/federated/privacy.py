@@ -26,6 +26,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from .config import RunConfig
 from .recording import RoundRecorder
+from .validation import LOG
 
 def clients_per_round(config: RunConfig, num_clients: int) -> int:
     """How many clients Flower's FedAvg samples per training round (its own formula)."""
@@ -51,11 +52,24 @@ class AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         )) if p.noise_multiplier > 0 else None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        failed = sum(r.has_error() for r in replies)
+        if failed:  # Flower's wrapper refuses the round before the recording strategy would see it: record it here
+            LOG.warning("round %d skipped: %d of %d sampled client(s) failed, and differential privacy aggregates only "
+                        "complete rounds", self.recorder.offset + server_round, failed, len(replies))
+            self.recorder.received(server_round, replies, phase="train")
+            self.recorder.note(skipped=1)
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            fields = {"dp_noise_std": self.noise_multiplier * self.clipping_norm / self.sample_size}
+            # The noise is calibrated to a mean over the sampled clients; a mean over fewer (updates rejected by
+            # strategy.max_update_norm) moves further per client, so this round's noise multiplier is lower.
+            averaged = int(self.recorder.current("clients_replied", self.sample_size))
+            multiplier = self.noise_multiplier * min(averaged, self.sample_size) / self.sample_size
+            fields = {"dp_noise_std": self.noise_multiplier * self.clipping_norm / self.sample_size,
+                      "dp_noise_multiplier": multiplier}
             if self.ledger is not None:
-                self.ledger.compose(GaussianPrivacyEvent(self.noise_multiplier, self.sample_size, self.population))
+                self.ledger.compose(GaussianPrivacyEvent(multiplier, self.sample_size, self.population))
                 fields["dp_epsilon"] = self.ledger.get_privacy_spent().epsilon
             else:
                 fields["dp_epsilon"] = float("inf")  # clipping without noise protects nothing

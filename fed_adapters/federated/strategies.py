@@ -122,7 +122,8 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
             self.recorder.received(server_round, replies, phase="evaluate")
-            return super().aggregate_evaluate(self.run_round(server_round), replies)
+            with weighted_by_examples(self):
+                return super().aggregate_evaluate(self.run_round(server_round), replies)
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
     return Recording
@@ -138,6 +139,20 @@ def taking_all(strategy: Strategy) -> Iterator[None]:
         yield
     finally:
         strategy.fraction_train, strategy.min_available_nodes = saved
+
+
+@contextmanager
+def weighted_by_examples(strategy: Strategy) -> Iterator[None]:
+    """Evaluation metrics are averaged by examples, also where training averages uniformly (differential
+    privacy weighs every update alike, and evaluation replies carry no such weight)."""
+    saved = getattr(strategy, "weighted_by_key", None)
+    if saved is not None:
+        strategy.weighted_by_key = "num-examples"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            strategy.weighted_by_key = saved
 
 
 def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:

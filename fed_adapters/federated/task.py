@@ -37,7 +37,8 @@ def _key(*parts: object) -> str:
 
 def model_and_tokenizer(config: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base with its adapter, built on first use in this process and reused afterwards."""
-    key = _key(config.model, config.adapter.to_adapter_config().to_dict(), config.personalization)
+    # The seed too: it sets the initial private parts (a long-lived node worker serves run after run).
+    key = _key(config.model, config.adapter.to_adapter_config().to_dict(), config.personalization, config.seed)
     if key not in _MODELS:
         _MODELS[key] = build_adapted_model(config)
     return _MODELS[key], tokenizer(config.model.name)
