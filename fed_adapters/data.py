@@ -85,6 +85,15 @@ def check_columns(dataset: datasets.Dataset, columns: TextColumns, need_label: b
     missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
         raise DataError(f"column(s) {missing} not in the data set; it has {dataset.column_names}. Set the column names to match")
+    for column in filter(None, (columns.text, columns.text_pair)):
+        kind = getattr(dataset.features[column], "dtype", None)
+        if kind not in ("string", "large_string"):
+            raise DataError(f"text column {column!r} holds {dataset.features[column]}, not text; name the text column "
+                            "(data.text / data.text_pair) or store the texts as strings")
+        empty = dataset.with_format("arrow")[column].null_count  # Arrow's count, over exactly these rows
+        if empty:
+            raise DataError(f"text column {column!r} has {empty} missing value(s) (null / an empty CSV cell); "
+                            "fill them (e.g. with \"\") or drop those rows")
 
 
 def check_labels(dataset: datasets.Dataset, label: str, num_labels: int) -> None:

@@ -73,6 +73,12 @@ class Optimization:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.head_lr < 0:
             raise ValueError(f"head_lr must be >= 0 (0 = the same as lr), got {self.head_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:  # a negative norm flips the gradient: training would ascend
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; valid: {', '.join(AMP_MODES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -143,6 +149,10 @@ def train(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters; add an adapter or unfreeze a head first")
+    if max_steps is None and epochs <= 0:
+        raise ValueError(f"epochs must be > 0 (or give max_steps), got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     total_steps = planned_steps(loader, epochs, max_steps)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -166,10 +176,13 @@ def train(
     bar = _progress(total_steps, "train", progress)
     for batch in _cycle(loader, total_steps):
         batch = {k: v.to(device) for k, v in batch.items()}
+        if loss_weight(batch) == 0:  # a language model's batch of one-token texts: nothing to predict, loss 0/0
+            continue  # (no step taken: `steps` counts the optimizer's)
         with _autocast(device, dtype):
-            loss = _training_loss(model, batch, adjustment)
-        if reference is not None:
-            loss = loss + 0.5 * prox_mu * sum(((p - reference[n]) ** 2).sum() for n, p in named)
+            task_loss = _training_loss(model, batch, adjustment)
+        loss = task_loss
+        if reference is not None:  # trains toward the reference; reported is the task's loss alone
+            loss = task_loss + 0.5 * prox_mu * sum(((p - reference[n]) ** 2).sum() for n, p in named)
         step_rule.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if max_grad_norm or correction:
@@ -183,7 +196,7 @@ def train(
         scaler.step(step_rule)
         scaler.update()
         scheduler.step()
-        loss_sum += float(loss.detach())
+        loss_sum += float(task_loss.detach())
         examples += int(batch["input_ids"].shape[0])
         step += 1
         if bar is not None:
@@ -214,11 +227,10 @@ def evaluate(
         with _autocast(device, dtype):
             output = model(**batch)
         size = int(batch["input_ids"].shape[0])
-        # A batch's loss is a mean over examples (classification) or over the tokens it predicts (a language
-        # model: every labelled token after the first), so that perplexity is per token over the whole set.
-        weight = size if batch["labels"].dim() == 1 else int((batch["labels"][:, 1:] != -100).sum())
-        loss_sum += float(output.loss) * weight
-        weight_sum += weight
+        weight = loss_weight(batch)
+        if weight:  # (a batch with nothing to predict has loss 0/0)
+            loss_sum += float(output.loss) * weight
+            weight_sum += weight
         count += size
         if batch["labels"].dim() == 1:
             predictions.append(output.logits.argmax(-1).cpu())
@@ -236,6 +248,13 @@ def evaluate(
     else:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
+
+
+def loss_weight(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's loss is a mean over: its examples (classification) or the tokens it predicts (a language
+    model: every labelled token after the first), so that perplexity is per token over a whole set."""
+    labels = batch["labels"]
+    return int(labels.shape[0]) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
 
 
 def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

@@ -75,6 +75,12 @@ class CentralizedConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
 
+def variant_rates(variant: Variant) -> dict:
+    """A variant's own `lr` is its rate for every parameter it trains (the head's too: a head-only variant's
+    whole point), overriding `train.head_lr`."""
+    return {"lr": variant.lr, "head_lr": None} if variant.lr else {}
+
+
 def run_variant(config: CentralizedConfig, variant: Variant, train_set, eval_set, tokenizer) -> dict:
     seed_everything(config.seed)
     model = load_model(config.model, num_labels=config.data.num_labels, pooling=config.pooling)
@@ -85,7 +91,7 @@ def run_variant(config: CentralizedConfig, variant: Variant, train_set, eval_set
     counts = trainable_parameters(model)
     t = config.train
     loader = make_loader(train_set, tokenizer, t.batch_size, shuffle=True, seed=config.seed)
-    stats = train(model, loader, epochs=t.epochs, progress=True, **{**t.train_kwargs(), "lr": variant.lr or t.lr})
+    stats = train(model, loader, epochs=t.epochs, progress=True, **{**t.train_kwargs(), **variant_rates(variant)})
     metrics = evaluate(model, make_loader(eval_set, tokenizer, t.eval_batch_size), device=t.device, amp=t.amp)
     return {
         "variant": variant.name,

@@ -102,6 +102,13 @@ def test_missing_columns_and_bad_labels(tokenizer) -> None:
         tokenize_dataset(dataset, tokenizer, TextColumns(text="sentence"))
     with pytest.raises(DataError, match="labels \\[1\\] in column 'label' are outside \\[0, 1\\)"):
         tokenize_dataset(dataset, tokenizer, num_labels=1)
+    with_gap = [{**row, "text": None if i == 1 else row["text"]} for i, row in enumerate(ROWS)]
+    with pytest.raises(DataError, match="text column 'text' has 1 missing value\\(s\\) .* fill them"):
+        tokenize_dataset(datasets.Dataset.from_list(with_gap), tokenizer, num_labels=2)
+    assert len(tokenize_dataset(datasets.Dataset.from_list(with_gap).select([0]), tokenizer, num_labels=2)) == 1
+    numbers = [{**row, "text": i} for i, row in enumerate(ROWS)]
+    with pytest.raises(DataError, match="text column 'text' holds Value\\('int64'\\), not text"):
+        tokenize_dataset(datasets.Dataset.from_list(numbers), tokenizer, num_labels=2)
     for labels, shown in (([True, False], "True, False"), ([1.0, 0.0], "1.0, 0.0"), (["pos", "neg"], "'pos', 'neg'")):
         rows = [{**row, "label": value} for row, value in zip(ROWS, labels * len(ROWS))]
         with pytest.raises(DataError, match=f"labels in column 'label' must be integer class ids 0..1, got {shown}; map"):

@@ -85,6 +85,10 @@ def test_centralized_benchmark_script_writes_results(tmp_path) -> None:
     resolved = (tmp_path / "sst2" / "config.toml").read_text()
     assert "train_size = 64" in resolved and 'name = "houlsby-m16"' in resolved
     assert centralized.main([str(config), "--only", "nope"]) == 2
+    # A variant's own lr is its rate for all it trains, a head-only variant's head included (not train.head_lr).
+    head_only = centralized.Variant(name="head", method="head", lr=1e-2)
+    assert centralized.variant_rates(head_only) == {"lr": 1e-2, "head_lr": None}
+    assert centralized.variant_rates(centralized.Variant(name="default")) == {}
 
 
 def test_simulate_cli_runs_minilm_on_an_sst2_slice(tmp_path) -> None:

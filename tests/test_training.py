@@ -137,6 +137,51 @@ def test_proximal_term_pulls_towards_the_reference() -> None:
     assert drift[100.0] < 0.5 * drift[0.0]
 
 
+def test_the_reported_training_loss_is_the_tasks_not_the_proximal_terms() -> None:
+    model = tiny_model("bert", num_labels=2)
+    disable_dropout(model)
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
+    with torch.no_grad():
+        task_loss = float(model(**batch).loss)
+    far = {n: p.detach() + 1.0 for n, p in model.named_parameters() if p.requires_grad}  # a large proximal term
+    stats = train(model, [batch], max_steps=1, lr=1e-9, prox_mu=1.0, prox_reference=far, device="cpu")
+    assert stats.loss == pytest.approx(task_loss, rel=1e-4)
+
+
+def test_a_language_model_batch_with_nothing_to_predict_is_skipped_not_nan() -> None:
+    torch.manual_seed(0)
+    model = build_model(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2), task="causal_lm")
+    add_adapter(model, AdapterConfig.preset("pfeiffer", bottleneck_size=8))
+    ids = torch.randint(2, VOCAB, (4, 6))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    one_token = {"input_ids": ids[:, :2], "attention_mask": torch.tensor([[1, 0]] * 4),
+                 "labels": torch.tensor([[5, -100]] * 4)}  # one real token per text: nothing after it to predict
+    alone = evaluate(model, [full], device="cpu")
+    both = evaluate(model, [full, one_token], device="cpu")
+    assert both["loss"] == pytest.approx(alone["loss"]) and both["num_examples"] == 8
+    stats = train(model, [one_token, full], max_steps=2, lr=1e-2, device="cpu")
+    assert math.isfinite(stats.loss) and stats.steps == 1  # the batch with nothing to predict took no step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_settings_that_would_train_wrongly_are_refused() -> None:
+    from fed_adapters.training import Optimization
+
+    for settings, message in (({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+                              ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+                              ({"warmup_ratio": 1.5}, "warmup_ratio must lie in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=message):
+            Optimization(**settings)
+    model = tiny_model("bert", num_labels=2)
+    add_adapter(model, AdapterConfig(bottleneck_size=4))
+    loader = DataLoader(_keyword_task(8, 0), batch_size=4)
+    with pytest.raises(ValueError, match="epochs must be > 0 \\(or give max_steps\\), got 0"):
+        train(model, loader, epochs=0, device="cpu")
+    with pytest.raises(ValueError, match="max_steps must be >= 1, got 0"):
+        train(model, loader, max_steps=0, device="cpu")
+
+
 def test_proximal_reference_must_cover_trainable_parameters() -> None:
     model = tiny_model("bert", num_labels=2)
     add_adapter(model, AdapterConfig(bottleneck_size=4))
