@@ -1,8 +1,8 @@
 """`fed-adapters`: the command line.
 
-    fed-adapters simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs] [--debug]
+    fed-adapters [--debug] simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs]
     fed-adapters simulate --resume RUN_DIR
-    fed-adapters export RUN_DIR --client ID OUT_DIR
+    fed-adapters export RUN_DIR --client ID OUT_DIR [--overwrite]
     fed-adapters predict ADAPTER_DIR --input FILE.jsonl --output OUT.jsonl [--model NAME_OR_DIR]
     fed-adapters deploy certs DIR --nodes NAME ... [--hosts HOST ...]
     fed-adapters deploy local CONFIG.toml [--silos N] [--work-dir DIR] [--port P] [--insecure]

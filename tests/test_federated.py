@@ -235,6 +235,17 @@ def test_the_process_cache_keeps_one_base_per_model_adapter_and_seed(tmp_path, t
         assert torch.equal(a, b), name
 
 
+def test_adapter_size_from_either_key(tmp_path) -> None:
+    def adapter(toml: str):
+        (tmp_path / "c.toml").write_text(toml)
+        return load_run_config(tmp_path / "c.toml").adapter.to_adapter_config()
+
+    assert adapter("").bottleneck_size == 16  # the default size
+    only_rf = adapter("[adapter]\nreduction_factor = 8\n")
+    assert (only_rf.reduction_factor, only_rf.bottleneck_size) == (8, None)
+    assert adapter("[adapter]\nbottleneck_size = 32\n").bottleneck_size == 32
+
+
 def test_a_moved_run_directory_reads_its_own_files(tmp_path) -> None:
     from fed_adapters.federated.config import load_run_dir_config
 

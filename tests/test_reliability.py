@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from safetensors.numpy import load_file
 from conftest import tiny_config
 from fed_adapters.adapters import AdapterConfig, add_adapter, save_adapter
 from fed_adapters.cli import main as cli
+from fed_adapters.configuration import from_mapping
+from fed_adapters.federated.config import RunConfig
 from fed_adapters.deploy.processes import descendants
 from fed_adapters.federated.checkpoints import latest
 from fed_adapters.modeling import load_model, load_tokenizer
@@ -162,6 +165,29 @@ def test_update_problems_are_named(message_identity) -> None:
     assert "holds NaN" in update_problem(_reply({**far_control, CONTROL_PREFIX + "w": np.full(4, np.nan, np.float32)}), with_control)
 
 
+def test_a_reply_with_odd_metrics_costs_its_update_not_the_round(message_identity) -> None:
+    """Flower's FedAvg refuses a round whose replies report different metrics; screening drops the odd one."""
+    from fed_adapters.federated.validation import screen
+
+    sent = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    replies = [_reply({"w": np.full(4, float(i), np.float32)}) for i in range(3)]
+    for reply in replies:
+        reply.content.metric_records["metrics"]["train-loss"] = 0.5
+    odd = _reply({"w": np.ones(4, np.float32)})  # no train-loss
+    extra = _reply({"w": np.ones(4, np.float32)})
+    extra.content.metric_records["more"] = MetricRecord({"x": 1.0})
+    kept, rejected = screen(1, [*replies, odd, extra], sent)
+    assert kept == replies
+    assert [reason for _, reason in rejected] == [
+        "its metrics differ from the other replies' (missing ['train-loss'], unexpected [])",
+        "the reply holds other records beside 'arrays' and 'metrics'",
+    ]
+    strategy = make_strategy(from_mapping(RunConfig, {}), 5, RoundRecorder(1, verbose=False))
+    strategy.global_arrays = sent
+    arrays, _ = strategy.aggregate_train(1, [*replies, odd])  # aggregates the three; no exception
+    np.testing.assert_allclose(arrays["w"].numpy(), np.ones(4))
+
+
 class TenNodes:
     """The one thing a strategy asks of the Grid when it samples everybody."""
 
@@ -297,6 +323,15 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     for key in expected:
         np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
     assert cli(["simulate", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
+
+    # Killed after the last round's checkpoint, before the final files: --resume finishes it, training nothing.
+    finished = {name: (run_dir / name).read_bytes() for name in ("metrics.csv", "adapter/adapter.safetensors")}
+    for name in ("metrics.json", "metrics.csv", "accuracy.png"):
+        (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "adapter")
+    assert cli(["simulate", "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["rounds"] == json.loads(json.dumps(ours))
+    assert {name: (run_dir / name).read_bytes() for name in finished} == finished
 
 
 def test_overwrite_removes_everything_the_earlier_run_left(tmp_path, tiny_base, keyword_data) -> None:

@@ -46,12 +46,15 @@ class ModelSection:
         _at_least("model.max_length", self.max_length, 8)
 
 
+DEFAULT_BOTTLENECK = 16
+
+
 @dataclass
 class AdapterSection:
     """AdapterConfig fields; "" / 0 leave a field to the preset or the library default."""
 
     preset: str = "houlsby"
-    bottleneck_size: int = 16
+    bottleneck_size: int = 0  # 0 = 16, unless reduction_factor sets the size (give one of the two)
     reduction_factor: int = 0
     non_linearity: str = ""
     location: str = ""
@@ -75,8 +78,8 @@ class AdapterSection:
         for key in ("non_linearity", "location", "placement", "init"):
             if getattr(self, key):
                 fields[key] = getattr(self, key)
-        if self.bottleneck_size:
-            fields["bottleneck_size"] = self.bottleneck_size
+        if self.bottleneck_size or not self.reduction_factor:
+            fields["bottleneck_size"] = self.bottleneck_size or DEFAULT_BOTTLENECK
         if self.reduction_factor:
             fields["reduction_factor"] = self.reduction_factor
         if self.scaling:

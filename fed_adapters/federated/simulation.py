@@ -67,8 +67,11 @@ def check_resumable(config: RunConfig) -> None:
     checkpoint = checkpoints.latest(run_dir)
     if checkpoint is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint to resume from; start the run again without --resume")
-    if checkpoint.round >= config.strategy.num_rounds:
-        raise ConfigError(f"{run_dir}: checkpoint round {checkpoint.round} is the last; nothing to resume")
+    # A checkpoint of the last round without metrics.json: the run died while finishing (head calibration,
+    # client report, final files); resuming runs no round and finishes it.
+    if checkpoint.round > config.strategy.num_rounds:
+        raise ConfigError(f"{run_dir}: checkpoint round {checkpoint.round} is past the run's "
+                          f"{config.strategy.num_rounds} rounds; its config.toml does not belong to these checkpoints")
 
 
 def simulate(

@@ -106,7 +106,8 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             usable = sum(not r.has_error() for r in kept)
             if usable < self.min_train_nodes:
                 LOG.warning("round %d skipped: %d usable update(s) of %d sampled, fewer than strategy.min_train_clients = %d; "
-                            "the global adapter stays as it was", self.run_round(server_round), usable, len(replies),
+                            "the global adapter stays as it was", self.run_round(server_round), usable,
+                            int(self.recorder.current("clients_sampled", len(replies))),
                             self.min_train_nodes)
                 self.recorder.note(skipped=1)
                 return None, None

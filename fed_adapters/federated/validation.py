@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ def update_problem(reply: Message, sent: ArrayRecord, max_norm: float = 0.0) -> 
     metrics = reply.content.metric_records.get("metrics")
     if arrays is None or metrics is None:
         return "the reply lacks its 'arrays' or 'metrics' record"
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
+        return "the reply holds other records beside 'arrays' and 'metrics'"
     examples = metrics.get("num-examples")
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
         return f"num-examples is {examples!r}, not a positive number"
@@ -51,9 +54,20 @@ def screen(server_round: int, replies: Sequence[Message], sent: ArrayRecord,
            max_norm: float = 0.0) -> tuple[list[Message], list[tuple[int, str]]]:
     """The replies fit for aggregation (error replies pass through: the strategy counts them as failures),
     and (node id, reason) for each rejected one."""
+    problems = {id(r): None if r.has_error() else update_problem(r, sent, max_norm) for r in replies}
+    # Flower's aggregation refuses the whole round unless every reply reports the same metrics: the odd ones
+    # out (fewer than the most common set of keys) go, not the round.
+    key_sets = [frozenset(r.content.metric_records["metrics"].keys()) for r in replies if problems[id(r)] is None
+                and not r.has_error()]
+    usual = Counter(key_sets).most_common(1)[0][0] if key_sets else frozenset()
     kept, rejected = [], []
     for reply in replies:
-        problem = None if reply.has_error() else update_problem(reply, sent, max_norm)
+        problem = problems[id(reply)]
+        if problem is None and not reply.has_error():
+            keys = frozenset(reply.content.metric_records["metrics"].keys())
+            if keys != usual:
+                problem = (f"its metrics differ from the other replies' (missing {sorted(usual - keys)[:3]}, "
+                           f"unexpected {sorted(keys - usual)[:3]})")
         if problem is None:
             kept.append(reply)
         else:
