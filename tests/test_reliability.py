@@ -235,7 +235,7 @@ def tiny_opt(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points"])
+@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file"])
 def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_base, keyword_data, tiny_opt, capsys) -> None:
     config_path = tmp_path / "run.toml"
     config_path.write_text(tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1}).to_toml())
@@ -248,6 +248,8 @@ def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_b
         "labels": (["model.num_labels=2"], "labels [5] in column 'label' are outside [0, 2); set num_labels"),
         "empty_shards": (["partition.num_clients=1000"], "partition.num_clients = 1000 is more clients than the 400 training examples"),
         "no_adapter_points": ([f"model.name={tiny_opt}"], "no adapter mapping for model_type 'opt'"),
+        "one_file": ([f"data.source={keyword_data / 'train.jsonl'}"],
+                     "is one file: the server would evaluate on the very examples the clients train on"),
     }[case]
     if case == "labels":
         bad = tmp_path / "bad-labels"

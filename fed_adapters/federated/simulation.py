@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -18,7 +19,7 @@ from flwr.simulation import run_simulation
 from torch import nn
 
 from ..configuration import ConfigError
-from ..data import check_columns, check_labels
+from ..data import check_columns, check_labels, resolve_source
 from . import checkpoints
 from .client_app import app as adapter_client_app
 from .config import RunConfig
@@ -46,6 +47,12 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
     server's model (built here once, handed to the ServerApp)."""
     columns, model = config.data.columns, config.model
     classification = model.task == "classification"
+    source = resolve_source(config.data.source, config.data.data_root or None)
+    if isinstance(source, Path) and source.is_file():
+        raise ConfigError(
+            f"data.source {config.data.source!r} is one file: the server would evaluate on the very examples the "
+            f"clients train on. Give a folder holding {config.data.train_split}.jsonl and {config.data.test_split}.jsonl "
+            "(or .csv / .parquet; data.train_split / data.test_split name them)")
     client_shards = shards(config)
     for dataset in (training_data(config), test_data(config)):
         check_columns(dataset, columns, need_label=classification)
