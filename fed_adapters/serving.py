@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .adapters import (AdapterStateError, adapter_routing, add_adapter, delete_adapter, load_adapter_state_dict,
                        set_active_adapter)
-from .adapters.state import base_signature, read_single_adapter
+from .adapters.state import base_differences, read_single_adapter
 from .modeling import PooledClassifier
 
 
@@ -37,10 +37,7 @@ class AdapterServer:
         if client in self.clients:
             raise ValueError(f"client {client!r} is already loaded")
         config, signature, adapter, head = read_single_adapter(adapter_dir)
-        here = base_signature(self.model)
-        differences = [f"{key} {signature.get(key)!r} (adapter) vs {here[key]!r} (server)"
-                       for key in ("model_type", "hidden_size", "num_layers", "num_labels", "pooling")
-                       if signature.get(key) != here[key]]
+        differences = base_differences(signature, self.model, includes_head=True)  # each client brings its head
         if differences:
             raise AdapterStateError(f"the adapter in {adapter_dir} was made for another base, label count or pooling "
                                     f"({signature['name_or_path']}): {'; '.join(differences)}")

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Client, Listener
 
 import pytest
 from cryptography import x509
@@ -14,7 +21,9 @@ from fed_adapters.cli import main as cli
 from fed_adapters.configuration import to_toml
 from fed_adapters.deploy.certs import CertificateError, create_certificates, superlink_hosts
 from fed_adapters.deploy.local import REFUSED, LoopbackFederation, Silo
-from fed_adapters.deploy.processes import ProcessError, alive
+from fed_adapters.deploy.processes import ProcessError, alive, descendants, stop_pids
+from fed_adapters.federated import node_worker
+from fed_adapters.federated.mods import client_id
 from fed_adapters.deploy.try_local import APP_DIR, deployment_config, write_silo_data
 from fed_adapters.federated.task import build_adapted_model
 from fed_adapters.modeling import load_model
@@ -103,16 +112,6 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path, tiny_base, keyword
 
 
 def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import threading
-    import time
-    from multiprocessing.connection import Client, Listener
-
-    from fed_adapters.federated import node_worker
-
     node = {"data-path": str(tmp_path / "data.jsonl"), "state-dir": str(tmp_path / "state"), "client-id": "3"}
     files = node_worker.WorkerFiles(node)
     # A pid file left behind naming a process that is no worker: never taken for one (nor stopped as one).
@@ -153,8 +152,6 @@ def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_pa
 
 
 def test_a_node_names_its_client_with_a_number() -> None:
-    from fed_adapters.federated.mods import client_id
-
     assert client_id({"client-id": "3"}, node_id=99) == 3 and client_id({}, node_id=7) == 7
     with pytest.raises(ValueError, match="client-id='hospital-a' must be a whole number"):
         client_id({"client-id": "hospital-a"}, node_id=7)
@@ -174,12 +171,6 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_sigterm_to_a_local_deployment_stops_every_process(tmp_path, tiny_base, keyword_data) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    from fed_adapters.deploy.processes import descendants, stop_pids
-
     silos = write_silo_data(tiny_config(tmp_path, tiny_base, keyword_data), 1, tmp_path / "silo-data")
     script = (f"from pathlib import Path\nfrom fed_adapters.deploy.local import LoopbackFederation, Silo\n"
               f"with LoopbackFederation({str(tmp_path / 'work')!r}, [Silo('a', Path({str(silos[0].data_path)!r}))], "

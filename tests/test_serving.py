@@ -61,7 +61,7 @@ def test_serving_errors(tmp_path, tiny_base) -> None:
     cls_model = load_model(str(tiny_base), num_labels=3, pooling="cls")
     add_adapter(cls_model, AdapterConfig(bottleneck_size=4))
     save_adapter(cls_model, tmp_path / "cls")  # its head reads the first token, the server's the mean
-    with pytest.raises(AdapterStateError, match="pooling 'cls' \\(adapter\\) vs 'mean' \\(server\\)"):
+    with pytest.raises(AdapterStateError, match="pooling 'cls' \\(the head reads that\\) vs 'mean' \\(model\\)"):
         server.add_client("c", tmp_path / "cls")
     stacked = load_model(str(tiny_base), num_labels=3)
     add_adapter(stacked, AdapterConfig(bottleneck_size=4), "shared")

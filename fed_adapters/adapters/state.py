@@ -226,17 +226,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     return name
 
 
-def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
-    saved, here = metadata["base_model"], base_signature(model)
+def base_differences(saved: dict, model: nn.Module, includes_head: bool) -> list[str]:
+    """How the base an adapter file records (`saved`) differs from `model`'s, in what the adapter (and its head,
+    when the file holds one) depends on; empty when it fits."""
+    here = base_signature(model)
     differences = [
         f"{key} {saved[key]!r} (adapter) vs {here[key]!r} (model)"
         for key in ("model_type", "hidden_size", "num_layers")
         if saved[key] != here[key]
     ]
-    if metadata["includes_head"] and saved["num_labels"] != here["num_labels"]:
+    if includes_head and saved["num_labels"] != here["num_labels"]:
         differences.append(f"num_labels {saved['num_labels']} (adapter head) vs {here['num_labels']} (model)")
-    if metadata["includes_head"] and saved.get("pooling", here["pooling"]) != here["pooling"]:
+    if includes_head and saved.get("pooling", here["pooling"]) != here["pooling"]:
         differences.append(f"pooling {saved['pooling']!r} (the head reads that) vs {here['pooling']!r} (model)")
+    return differences
+
+
+def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
+    saved, here = metadata["base_model"], base_signature(model)
+    differences = base_differences(saved, model, metadata["includes_head"])
     if differences:
         raise AdapterStateError(
             f"adapter in {directory} was made for another base ({saved['name_or_path'] or saved['model_type']}): "

@@ -74,7 +74,7 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
 
         def shuffled_round(self, grid: Grid, run_round: int) -> Grid:
             """A grid of only this round's clients under shuffled passes: the strategy, told to take all of it
-            (`taking_all`), trains exactly them through its own configure_train (FedProx's mu, SCAFFOLD's controls)."""
+            (`overriding` its fraction and minimum), trains exactly them through its own configure_train (FedProx's mu, SCAFFOLD's controls)."""
             clients = sorted(set(self.client_of.values()))  # partition ids in simulation, any client-id deployed
             chosen = shuffled_participants(len(clients), min(self.shuffled_per_round, len(clients)), run_round, self.seed)
             return ClientOrderedGrid(grid, self.client_of, only={clients[i] for i in chosen})
@@ -90,7 +90,9 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
             if self.shuffled_per_round and 0.0 < self.fraction_train < 1.0:
                 grid = self.shuffled_round(grid, run_round)
-                with taking_all(self):
+                # Flower trains `fraction_train` of the grid's nodes, waiting for `min_available_nodes`; for a
+                # grid that lists only the chosen clients, both must mean "all of them".
+                with overriding(self, fraction_train=1.0, min_available_nodes=0):
                     messages = list(super().configure_train(run_round, arrays, config, grid))
             else:
                 messages = list(super().configure_train(run_round, arrays, config, grid))
@@ -123,7 +125,9 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
             self.recorder.received(server_round, replies, phase="evaluate")
-            with weighted_by_examples(self):
+            # Evaluation metrics are averaged by examples, also where training averages uniformly (differential
+            # privacy weighs every update alike, and evaluation replies carry no such weight).
+            with overriding(self, **({"weighted_by_key": "num-examples"} if hasattr(self, "weighted_by_key") else {})):
                 return super().aggregate_evaluate(self.run_round(server_round), replies)
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
@@ -131,29 +135,16 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
 
 
 @contextmanager
-def taking_all(strategy: Strategy) -> Iterator[None]:
-    """Flower's strategies train `fraction_train` of the grid's nodes, waiting for `min_available_nodes`; for
-    a grid that lists only the chosen clients, both must mean "all of them"."""
-    saved = strategy.fraction_train, strategy.min_available_nodes
-    strategy.fraction_train, strategy.min_available_nodes = 1.0, 0
+def overriding(strategy: Strategy, **values: object) -> Iterator[None]:
+    """The strategy's attributes set to `values` within the block, restored after it."""
+    saved = {name: getattr(strategy, name) for name in values}
+    for name, value in values.items():
+        setattr(strategy, name, value)
     try:
         yield
     finally:
-        strategy.fraction_train, strategy.min_available_nodes = saved
-
-
-@contextmanager
-def weighted_by_examples(strategy: Strategy) -> Iterator[None]:
-    """Evaluation metrics are averaged by examples, also where training averages uniformly (differential
-    privacy weighs every update alike, and evaluation replies carry no such weight)."""
-    saved = getattr(strategy, "weighted_by_key", None)
-    if saved is not None:
-        strategy.weighted_by_key = "num-examples"
-    try:
-        yield
-    finally:
-        if saved is not None:
-            strategy.weighted_by_key = saved
+        for name, value in saved.items():
+            setattr(strategy, name, value)
 
 
 def _like(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
