@@ -142,3 +142,11 @@ def tiny_config(tmp_path: Path, base: Path, data: Path, **sections) -> RunConfig
     return from_mapping(RunConfig, raw)
 
 
+@pytest.fixture
+def message_identity():
+    """Messages built outside a run need Flower's task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from flwr.common import bytes_to_ndarray
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from flwr.app import Array, Context, Message
+from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
@@ -25,9 +26,11 @@ from conftest import tiny_config
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.client_app import app as client_app
 from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
-from fed_adapters.federated.mods import clip_when_asked
+from fed_adapters.federated.mods import NAMES_KEY, ROUND_OFFSET_KEY, RUN_CONFIG_KEY, clip_when_asked
+from fed_adapters.federated.personalization import SharedWire
 from fed_adapters.federated.server_app import run_federation
 from fed_adapters.federated.simulation import backend_config, simulate
+from fed_adapters.federated.task import build_adapted_model, shards
 
 # Ray actors cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -186,3 +189,43 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(tmp_path, tiny_b
         assert naive.size == true_updates[0].size
         for update in true_updates:
             assert abs(np.corrcoef(naive, update)[0, 1]) < 0.3
+
+
+def secure_fit_message(config) -> Message:
+    """The SecAgg+ workflow's fit message for client 0, as Flower's legacy FedAvg sends it."""
+    arrays = SharedWire(config).pack(build_adapted_model(config))
+    fit_config = {RUN_CONFIG_KEY: json.dumps(config.to_dict()), ROUND_OFFSET_KEY: 0, "server-round": 1,
+                  NAMES_KEY: json.dumps(list(arrays.keys()))}
+    fitins = FitIns(ndarrays_to_parameters([a.numpy() for a in arrays.values()]), fit_config)
+    return Message(content=recorddict_compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1,
+                   message_type="train")
+
+
+def test_secure_aggregation_refuses_updates_it_would_corrupt(tmp_path, tiny_base, keyword_data, message_identity) -> None:
+    """SecAgg+ scales an update by num_examples / max_weight, clips it silently and sums modulo 2^32: a weight past
+    max_weight (overflow) or a scaled value past the clipping range (clipped) is refused with the setting to change."""
+    secure = {"secure_aggregation": True, "secagg_max_weight": 5.0}
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"min_train_clients": 3}, privacy=secure)
+    largest = max(len(shard.train) for shard in shards(config))
+    assert largest > 5
+    with pytest.raises(ConfigError, match=rf"secagg_max_weight = 5 is below the largest client's {largest} training "
+                                          rf"examples.*secagg_max_weight >= {largest}"):
+        simulate(config, verbose=False)
+    assert not config.run_dir.exists()
+
+    # A deployed server cannot see shard sizes: each client checks its own update before the mod scales it.
+    context = Context(run_id=0, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    own = len(shards(config)[0].train)
+    with pytest.raises(ValueError, match=rf"trains on {own} examples, more than privacy.secagg_max_weight = 5"):
+        train_adapter(secure_fit_message(config), context)
+    clipped = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"min_train_clients": 3},
+                          privacy={**secure, "secagg_max_weight": 100.0, "secagg_clipping_range": 1e-3})
+    with pytest.raises(ValueError, match=r"values up to .* beyond privacy.secagg_clipping_range = 0.001.*"
+                                         r"secagg_clipping_range >= "):
+        train_adapter(secure_fit_message(clipped), context)
+    fitting = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"min_train_clients": 3},
+                          privacy={**secure, "secagg_max_weight": 100.0})
+    reply = train_adapter(secure_fit_message(fitting), context)
+    result = recorddict_compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert result.num_examples == own and len(result.parameters.tensors) == len(secure_fit_message(fitting).content[
+        "fitins.parameters"])

@@ -140,16 +140,6 @@ def _reply(arrays: dict[str, np.ndarray], examples: object = 10) -> Message:
                                "metrics": MetricRecord({"num-examples": examples})}), reply_to=sent)
 
 
-@pytest.fixture
-def message_identity():
-    """Messages built outside a run need Flower's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
-
-
 def test_update_problems_are_named(message_identity) -> None:
     sent = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
     assert update_problem(_reply({"w": np.ones(4, np.float32)}), sent) is None

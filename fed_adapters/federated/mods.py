@@ -72,11 +72,31 @@ def named(names: list[str], arrays) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(a, dtype=np.float32)) for name, a in zip(names, arrays, strict=True)})
 
 
+def check_secure_scaling(arrays: ArrayRecord, num_examples: int, privacy: dict) -> None:
+    """Refuses an update that SecAgg+ would corrupt without a word: Flower's mod scales it by num_examples /
+    max_weight, clips it to +-clipping_range and sums the weights modulo 2^32. A deployed server never sees the
+    clients' shard sizes, so each client checks its own update (simulation also checks in its preflight)."""
+    max_weight, clipping_range = float(privacy["secagg_max_weight"]), float(privacy["secagg_clipping_range"])
+    if num_examples > max_weight:
+        raise ValueError(f"this client trains on {num_examples} examples, more than privacy.secagg_max_weight = "
+                         f"{max_weight:g}: SecAgg+ expects num_examples <= max_weight (it scales each update by "
+                         f"their ratio before clipping it, and sums the weights modulo 2^32); set "
+                         f"privacy.secagg_max_weight >= the largest client's examples ({num_examples})")
+    largest = max((float(np.max(np.abs(a.numpy()))) for a in arrays.values() if a.numpy().size), default=0.0)
+    scaled = largest * num_examples / max_weight
+    if scaled > clipping_range:
+        raise ValueError(f"this client's adapter holds values up to {largest:.4g}, {scaled:.4g} once scaled by "
+                         f"num_examples / max_weight = {num_examples} / {max_weight:g}: beyond privacy.secagg_clipping_range "
+                         f"= {clipping_range:g}, where SecAgg+ would clip them and corrupt the aggregate; set "
+                         f"privacy.secagg_clipping_range >= {scaled:.4g}")
+
+
 def secure_fit_reply(msg: Message, train: Callable[[ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]) -> Message:
     """Answers a legacy fit message (the SecAgg+ workflow's) with `train`, the plain path's local training."""
     config = msg.content.config_records[FIT_CONFIG]
     names = json.loads(str(config[NAMES_KEY]))
     arrays, metrics = train(named(names, msg.content.array_records[FIT_PARAMETERS].to_numpy_ndarrays()), config)
+    check_secure_scaling(arrays, int(metrics["num-examples"]), json.loads(str(config[RUN_CONFIG_KEY]))["privacy"])
     result = FitRes(
         status=Status(code=Code.OK, message="ok"),
         parameters=ndarrays_to_parameters([arrays[name].numpy() for name in names]),
