@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from fed_adapters import cli
 from fed_adapters.configuration import ConfigError
 from fed_adapters.data import make_loader
-from fed_adapters.federated.client_report import summarize
+from fed_adapters.federated.client_report import format_summary, summarize
 from fed_adapters.federated.personalization import (
     PRIVATE,
     SharedWire,
@@ -202,3 +203,18 @@ def test_split_federation_keeps_private_tensors_off_the_wire_and_across_runs(tmp
         after = load_file(str(PrivateStore(state_dir).path(client)))
         assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)  # continued from the store...
         assert any(not torch.allclose(after[k], initial[k]) for k in before)  # ...not from a fresh start
+
+
+def test_report_marks_clients_sampled_in_no_round(tmp_path, tiny_base, keyword_data) -> None:
+    """With half the clients per round, some never train their private part: the report says which and how many."""
+    config = _config(tmp_path, tiny_base, keyword_data, "split", "head",
+                     strategy={"num_rounds": 1, "fraction_train": 0.5, "min_train_clients": 2, "sampling": "shuffled"})
+    simulate(config, verbose=False)
+    stored = set(PrivateStore(config.private_state_dir).clients())
+    assert len(stored) == 2
+    rows = list(csv.DictReader((config.run_dir / "clients.csv").open()))
+    assert {int(r["client"]) for r in rows if r["personal_trained"] == "True"} == stored
+    assert {int(r["client"]) for r in rows if r["personal_trained"] == "False"} == {0, 1, 2, 3} - stored
+    metrics = json.loads((config.run_dir / "metrics.json").read_text())
+    assert metrics["clients"]["never_trained"] == 2
+    assert "2 client(s) were sampled in no round" in format_summary(metrics["clients"])

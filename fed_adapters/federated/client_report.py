@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-CLIENT_FIELDS = ("client", "test_examples", "global_accuracy", "personal_accuracy", "global_loss", "personal_loss")
+CLIENT_FIELDS = ("client", "test_examples", "global_accuracy", "personal_accuracy", "global_loss", "personal_loss",
+                 "personal_trained")
 
 
 def evaluate_every_client(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[dict]:
@@ -38,13 +39,14 @@ def evaluate_every_client(grid: Grid, arrays: ArrayRecord, config: ConfigRecord,
             "personal_accuracy": float(m["personal-accuracy"]),
             "global_loss": float(m["loss"]),
             "personal_loss": float(m["personal-loss"]),
+            "personal_trained": bool(m.get("personal-trained", 1)),  # 0: sampled in no round, initial private part
         })
     return sorted(rows, key=lambda row: row["client"])
 
 
 def summarize(rows: list[dict]) -> dict:
     """Mean, median and worst-10 % mean (the lowest tenth of clients, at least one) of each accuracy."""
-    summary: dict = {"clients": len(rows)}
+    summary: dict = {"clients": len(rows), "never_trained": sum(not row.get("personal_trained", True) for row in rows)}
     for kind in ("global", "personal"):
         values = sorted(row[f"{kind}_accuracy"] for row in rows)
         if not values:
@@ -81,4 +83,7 @@ def format_summary(summary: dict) -> str:
         if kind in summary:
             s = summary[kind]
             lines.append(f"{kind + ' model':<22} {100 * s['mean']:>6.2f} {100 * s['median']:>7.2f} {100 * s['worst_10pct']:>9.2f}")
+    if summary.get("never_trained"):
+        lines.append(f"{summary['never_trained']} client(s) were sampled in no round: their personal model holds the initial "
+                     "private part (personal_trained = False in clients.csv)")
     return "\n".join(lines)

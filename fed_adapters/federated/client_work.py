@@ -160,7 +160,10 @@ def evaluate_locally(arrays: Arrays, message_config: dict, node: dict, node_id: 
     fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
     received = as_record(arrays)
     global_metrics, personal = evaluate_client(model, config, received, site.store(config), site.client, evaluate_now, fit)
-    record = {"num-examples": len(test_set), "partition-id": site.client}
+    # A client sampled in no round has no private part of its own yet: its personal model is the initial one.
+    private = config.personalization.mode not in ("none", "finetune")
+    record = {"num-examples": len(test_set), "partition-id": site.client,
+              "personal-trained": int(not private or site.store(config).path(site.client).exists())}
     for prefix, metrics in (("", global_metrics), ("personal-", personal)):
         record.update({prefix + k.replace("_", "-"): v for k, v in metrics.items() if k != "num_examples"})
     return record
