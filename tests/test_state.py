@@ -160,6 +160,25 @@ def test_missing_or_corrupted_files_are_clear_errors(tmp_path) -> None:
         load_adapter(fresh, directory)
 
 
+def test_files_of_two_saves_are_not_loaded_as_one_adapter(tmp_path) -> None:
+    """An interrupted save (new weights, old config) or files mixed from two adapters: refused, model untouched."""
+    _, first = _adapted(seed=0)
+    _, second = _adapted(seed=1)
+    one, other = save_adapter(first, tmp_path / "one"), save_adapter(second, tmp_path / "other")
+    (one / "adapter.safetensors").write_bytes((other / "adapter.safetensors").read_bytes())
+    fresh = tiny_model("bert")
+    with pytest.raises(AdapterStateError, match="come from different saves.*save the adapter again"):
+        load_adapter(fresh, one)
+    assert not getattr(fresh, "adapter_configs", {})
+    # Saved again, the pair loads; files written before save ids (no id in the JSON) still load.
+    save_adapter(first, one)
+    load_adapter(tiny_model("bert"), one)
+    metadata = json.loads((other / "adapter_config.json").read_text())
+    del metadata["save_id"]
+    (other / "adapter_config.json").write_text(json.dumps(metadata))
+    load_adapter(tiny_model("bert"), other)
+
+
 def test_unknown_adapter_name_is_an_error() -> None:
     _, model = _adapted()
     with pytest.raises(AdapterStateError, match="no adapter named 'nope'"):

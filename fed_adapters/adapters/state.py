@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +39,7 @@ from .targets import num_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+SAVE_ID = "save_id"  # in both files of one save (the weights' safetensors header and the JSON)
 HEAD_PREFIX = "head."
 
 log = logging.getLogger(__name__)
@@ -163,8 +166,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         "base_model": base_signature(model),
         "fed_adapters_version": __version__,
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()}, path))
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n"))
+    _write_pair(directory, state, metadata)
     return directory
 
 
@@ -207,7 +209,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     if "adapter_set" in metadata:
         return _load_adapter_set(model, directory, metadata)
     name = name or metadata["adapter_name"]
-    state = _read_weights(directory)
+    state = _read_weights(directory, metadata)
     config = AdapterConfig.from_dict(metadata["adapter_config"])
     existing = adapter_configs(model).get(name)
     if existing is not None and existing != config:
@@ -254,11 +256,19 @@ def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
         log.warning("adapter was saved on %s, loading onto %s", saved["name_or_path"], here["name_or_path"])
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, metadata: dict) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
     try:
-        return load_file(str(directory / WEIGHTS_FILE))
+        with safe_open(str(path), framework="pt") as handle:
+            stamp = (handle.metadata() or {}).get(SAVE_ID)
+        state = load_file(str(path))
     except Exception as error:  # safetensors raises several types for a damaged file
-        raise AdapterStateError(f"{directory / WEIGHTS_FILE} cannot be read ({error}); the file is corrupted") from None
+        raise AdapterStateError(f"{path} cannot be read ({error}); the file is corrupted") from None
+    if SAVE_ID in metadata and stamp != metadata[SAVE_ID]:  # files written before save ids carry none
+        raise AdapterStateError(
+            f"{path} and {directory / CONFIG_FILE} come from different saves (a save interrupted between the two "
+            "files, or one file copied from another adapter); save the adapter again, or put back both files of one save")
+    return state
 
 
 def read_single_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -266,7 +276,7 @@ def read_single_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, di
     `save_adapter`, or a set of one — for callers that place it under a name of their own (serving)."""
     directory = Path(directory)
     metadata = read_adapter_metadata(directory)
-    state = _read_weights(directory)
+    state = _read_weights(directory, metadata)
     head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     if "adapter_set" not in metadata:
         config = AdapterConfig.from_dict(metadata["adapter_config"])
@@ -310,14 +320,13 @@ def save_adapter_set(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file({k: v.contiguous().cpu() for k, v in state.items()}, path))
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n"))
+    _write_pair(directory, state, metadata)
     return directory
 
 
 def _load_adapter_set(model: nn.Module, directory: Path, metadata: dict) -> str:
     spec = metadata["adapter_set"]
-    state = _read_weights(directory)
+    state = _read_weights(directory, metadata)
     configs = {n: AdapterConfig.from_dict(c) for n, c in metadata["adapter_configs"].items()}
     clashes = [n for n in [*configs, *metadata["fusion_configs"]] if n in adapter_configs(model) or n in fusion_configs(model)]
     if clashes:
@@ -351,6 +360,16 @@ def _load_adapter_set(model: nn.Module, directory: Path, metadata: dict) -> str:
               else names[0])
     set_active_adapter(model, active)
     return str(active)
+
+
+def _write_pair(directory: Path, state: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Both files of an adapter directory, each atomically, stamped with one save id: a save interrupted
+    between them (or files mixed from two saves) is then refused on load instead of read as one adapter."""
+    save_id = uuid.uuid4().hex
+    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={SAVE_ID: save_id}))
+    text = json.dumps({**metadata, SAVE_ID: save_id}, indent=2) + "\n"
+    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
 
 
 def _atomic_write(path: Path, write) -> None:
