@@ -28,9 +28,10 @@ from fed_adapters.federated.config import RunConfig
 from fed_adapters.deploy.processes import descendants
 from fed_adapters.federated.checkpoints import latest
 from fed_adapters.modeling import load_model, load_tokenizer
-from fed_adapters.federated.client_app import evaluate_adapter, train_adapter
+from fed_adapters.federated.client_app import evaluate_adapter, identify, train_adapter
 from fed_adapters.federated.mods import CONTROL_PREFIX
 from fed_adapters.federated.recording import RoundRecorder
+from fed_adapters.federated.sampling import shuffled_participants
 from fed_adapters.federated.simulation import simulate
 from fed_adapters.federated.strategies import make_strategy
 from fed_adapters.federated.validation import update_problem
@@ -369,3 +370,32 @@ def test_latest_checkpoint_past_round_999_and_damaged_ones(tmp_path) -> None:
     save_file({"v": np.zeros(2, dtype=np.float32)}, str(round_dir(tmp_path, 1000) / GLOBAL))  # not the tensors it lists
     with pytest.raises(ConfigError, match="checkpoint .*round-1000 cannot be read \\(KeyError"):
         latest(tmp_path)
+
+
+slow_to_answer_app = ClientApp()
+slow_to_answer_app.train()(train_adapter)
+slow_to_answer_app.evaluate()(evaluate_adapter)
+
+
+@slow_to_answer_app.query()
+def identify_after_one_failure(msg: Message, context: Context) -> Message:
+    """Client 2 fails the first "which client are you" query of the run (its marker file not yet written)."""
+    marker = os.path.join(os.environ["IDENTIFY_MARKER_DIR"], "client-2-failed-once")
+    if int(context.node_config["partition-id"]) == 2 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("client 2 cannot answer yet")
+    return identify(msg, context)
+
+
+def test_a_node_that_fails_to_identify_is_asked_again_and_then_trains(tmp_path, tiny_base, keyword_data, monkeypatch) -> None:
+    """Shuffled passes only choose identified clients: one that fails the first query joins from the next round."""
+    monkeypatch.setenv("IDENTIFY_MARKER_DIR", str(tmp_path))  # Ray's processes, started by this run, inherit it
+    config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"num_clients": 5},
+                         strategy={"num_rounds": 4, "fraction_train": 0.4, "sampling": "shuffled"}, train={"local_epochs": 1})
+    records = simulate(config, verbose=False, client_app=slow_to_answer_app).records[1:]
+    others = [0, 1, 3, 4]
+    expected = [sorted(others[i] for i in shuffled_participants(4, 2, 1, seed=0))]
+    expected += [sorted(shuffled_participants(5, 2, r, seed=0)) for r in range(2, 5)]
+    assert any(2 in clients for clients in expected[1:])  # the check has power: client 2 is due in rounds 2-4
+    assert [r["train_clients"] for r in records] == expected
+    assert (tmp_path / "client-2-failed-once").exists()

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from .mods import CLIENT_ID_KEY
+from .validation import LOG
 
 
 class ClientOrderedGrid:
@@ -35,12 +36,20 @@ class ClientOrderedGrid:
         return getattr(self._grid, name)
 
 
-def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """node id -> client id, asked of every node once `expected` nodes are connected."""
-    nodes, _ = sample_nodes(grid, expected, expected)
+def identify_clients(grid: Grid, expected: int, known: dict[int, int], timeout: float = 600.0) -> dict[int, int]:
+    """node id -> client id: `known` plus the answers of the connected nodes not in it (at the first call, once
+    `expected` nodes are connected). A node that fails to answer is asked again at the next call; until then it
+    is listed after the known ones and never chosen by shuffled passes (a warning says so)."""
+    nodes = [node for node in grid.get_node_ids() if node not in known] if known else sample_nodes(grid, expected, expected)[0]
+    if not nodes:
+        return known
     questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    replies = grid.send_and_receive(questions, timeout=timeout)
-    return {r.metadata.src_node_id: int(r.content["metrics"][CLIENT_ID_KEY]) for r in replies if not r.has_error()}
+    replies = [r for r in grid.send_and_receive(questions, timeout=timeout) if not r.has_error()]
+    answered = {r.metadata.src_node_id: int(r.content["metrics"][CLIENT_ID_KEY]) for r in replies}
+    if len(answered) < len(nodes):
+        LOG.warning("%d of %d node(s) did not say which client they serve (error or time-out): they are asked again "
+                    "next round, and until they answer, shuffled passes leave them out", len(nodes) - len(answered), len(nodes))
+    return {**known, **answered}
 
 
 def shuffled_participants(num_clients: int, per_round: int, run_round: int, seed: int) -> list[int]:

@@ -67,8 +67,7 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             would pick other clients each time (and a resumed run would differ from an uninterrupted one)."""
             if not 0.0 < fraction < 1.0:  # everyone, or nobody (evaluation off): nothing to draw
                 return grid
-            if not self.client_of:
-                self.client_of = identify_clients(grid, self.min_available_nodes)
+            self.client_of = identify_clients(grid, self.min_available_nodes, self.client_of)
             random.seed(self.seed * 1_000_003 + 2 * run_round + phase)
             return ClientOrderedGrid(grid, self.client_of)
 
