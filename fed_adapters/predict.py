@@ -20,7 +20,8 @@ def read_jsonl(path: Path, columns: list[str]) -> list[dict]:
     if not path.is_file():
         raise DataError(f"input file {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+2029 or U+0085 raw, which splitlines breaks on.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

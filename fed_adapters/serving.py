@@ -59,6 +59,15 @@ class AdapterServer:
         self._head_biases.append(bias.to(self.model.device))
         self._stacked = None
 
+    def _check_request(self, texts: Sequence[str], clients: Sequence[str]) -> None:
+        if not texts:
+            raise ValueError("no texts to predict; give at least one text and its client id")
+        if len(texts) != len(clients):
+            raise ValueError(f"{len(texts)} texts but {len(clients)} client ids; give one client per text")
+        unknown = sorted(set(clients) - set(self.clients))
+        if unknown:
+            raise KeyError(f"client(s) {unknown} not loaded; loaded: {sorted(self.clients) or 'none (add_client first)'}")
+
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in batch.items()}
@@ -66,11 +75,7 @@ class AdapterServer:
     @torch.no_grad()
     def predict(self, texts: Sequence[str], clients: Sequence[str]) -> torch.Tensor:
         """Class probabilities for requests from any mix of loaded clients, in one forward pass."""
-        if len(texts) != len(clients):
-            raise ValueError(f"{len(texts)} texts but {len(clients)} client ids; give one client per text")
-        unknown = sorted(set(clients) - set(self.clients))
-        if unknown:
-            raise KeyError(f"client(s) {unknown} not loaded; loaded: {sorted(self.clients)}")
+        self._check_request(texts, clients)
         if self._stacked is None:
             self._stacked = (torch.stack(self._head_weights), torch.stack(self._head_biases))
         weights, biases = self._stacked
@@ -83,6 +88,7 @@ class AdapterServer:
     @torch.no_grad()
     def predict_one_client_at_a_time(self, texts: Sequence[str], clients: Sequence[str]) -> torch.Tensor:
         """The same answers by switching adapters: one forward pass per client in the batch (the baseline)."""
+        self._check_request(texts, clients)
         out = torch.empty(len(texts), self._head_weights[0].shape[0], device=self.model.device)
         for client in dict.fromkeys(clients):
             index = [i for i, c in enumerate(clients) if c == client]

@@ -298,6 +298,8 @@ def test_explicit_target_modules_work_on_an_unmapped_architecture() -> None:
         (dict(layers=[]), "layers must be a non-empty list"),
         (dict(leave_out=-1), "leave_out must be an integer >= 0"),
         (dict(target_modules="mlp"), "target_modules must be a non-empty list"),
+        (dict(scaling=float("nan")), "scaling must be a finite number"),
+        (dict(scaling=float("inf")), "scaling must be a finite number"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
@@ -317,6 +319,14 @@ def test_config_errors_that_need_the_model() -> None:
         add_adapter(model, AdapterConfig(leave_out=2))
     with pytest.raises(AdapterConfigError, match="match no module"):
         add_adapter(model, AdapterConfig(target_modules=["nonexistent"]))
+    # A projection to another width cannot hold an adapter of the hidden width; a container never runs.
+    with pytest.raises(AdapterConfigError, match=r"'bert.encoder.layer.0.intermediate.dense' outputs 48 features, not the "
+                                                 r"hidden size 32"):
+        add_adapter(model, AdapterConfig(target_modules=["intermediate.dense"]))
+    with pytest.raises(AdapterConfigError, match=r"match 'bert.encoder.layer', a ModuleList that never runs"):
+        add_adapter(model, AdapterConfig(target_modules=["encoder.layer"]))
+    with pytest.raises(AdapterConfigError, match=r"unknown adapter preset \['houlsby'\]"):
+        AdapterConfig.from_dict({"preset": ["houlsby"]})
     add_adapter(model, AdapterConfig(bottleneck_size=4))
     with pytest.raises(AdapterConfigError, match="already exists"):
         add_adapter(model, AdapterConfig(bottleneck_size=4))
@@ -413,6 +423,15 @@ def test_compositions_on_a_model_train_what_they_should() -> None:
 
     fuse = add_fusion(model, ["shared", "private"], name="mix", dim=8)
     assert fuse == Fuse("shared", "private", fusion="mix")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".mix." in n)  # not active yet
+    # A fusion is the mixer of a Fuse, never an adapter itself; a Fuse needs a fusion.
+    for misuse in ("mix", Stack("shared", "mix")):
+        with pytest.raises(AdapterConfigError, match=r"'mix' is a fusion, not an adapter: activate it as "
+                                                     r"Fuse\('shared', 'private', fusion='mix'\)"):
+            set_active_adapter(model, misuse)
+    with pytest.raises(AdapterConfigError, match=r"'shared' is not a fusion; this model's fusions: \['mix'\]"):
+        set_active_adapter(model, Fuse("shared", "private", fusion="shared"))
+    assert model.active_adapter == Stack("shared", "private")  # refused compositions changed nothing
     set_active_adapter(model, fuse)
     assert model.active_adapter == fuse
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -55,6 +55,12 @@ def test_serving_errors(tmp_path, tiny_base) -> None:
         server.predict(["x"], ["b"])
     with pytest.raises(ValueError, match="2 texts but 1 client ids"):
         server.predict(["x", "y"], ["a"])
+    for method in (server.predict, server.predict_one_client_at_a_time):
+        with pytest.raises(ValueError, match="no texts to predict"):
+            method([], [])
+    empty = AdapterServer(load_model(str(tiny_base), num_labels=3), load_tokenizer(str(tiny_base)))
+    with pytest.raises(KeyError, match=r"not loaded; loaded: none \(add_client first\)"):
+        empty.predict(["x"], ["a"])
     two_labels = AdapterServer(load_model(str(tiny_base), num_labels=2), load_tokenizer(str(tiny_base)))
     with pytest.raises(AdapterStateError, match="made for another base, label count or pooling .*num_labels 3"):
         two_labels.add_client("a", directories[0])
@@ -147,6 +153,10 @@ def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base) -> None
     before = (tmp_path / "out.jsonl").read_text()
     assert cli.main(["predict", str(directory), "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert (tmp_path / "out.jsonl").read_text() == before
+    # JSON may hold U+2028 / U+2029 / U+0085 raw inside a string: still one line each.
+    source.write_text('{"text": "one\u2028review"}\n{"text": "caf\u00e9 \u0085 ok"}\n', encoding="utf-8")
+    assert cli.main(["predict", str(directory), "--input", str(source), "--output", str(tmp_path / "raw.jsonl")]) == 0
+    assert len((tmp_path / "raw.jsonl").read_text(encoding="utf-8").split("\n")) == 3  # two rows and the final newline
     source.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(Exception, match="in.jsonl:2 is not valid JSON"):
         cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o2.jsonl")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,8 @@ class AdapterConfig:
         _check_choice("location", self.location, LOCATIONS)
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("init", self.init, INITS)
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise AdapterConfigError(f"scaling must be a number, got {self.scaling!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise AdapterConfigError(f"scaling must be a finite number, got {self.scaling!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise AdapterConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         _check_int("leave_out", self.leave_out, minimum=0)
@@ -92,7 +93,7 @@ class AdapterConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> AdapterConfig:
         """A named layout (`houlsby`, `pfeiffer`, `parallel`), with any field overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise AdapterConfigError(f"unknown adapter preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 

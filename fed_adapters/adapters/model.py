@@ -21,6 +21,7 @@ from .layer import (
     BottleneckAdapter,
     Composition,
     Fuse,
+    Stack,
     composition_members,
     routing_ids,
 )
@@ -83,7 +84,9 @@ def add_fusion(model: nn.Module, adapters: Sequence[str], name: str = "fusion", 
         raise AdapterConfigError(f"adapters {list(adapters)} do not sit at the same insertion points; fuse adapters of one layout")
     reference = next(model.parameters())
     for layer in layers:
-        layer[name] = AdapterFusion(int(model.config.hidden_size), dim, temperature).to(reference.device).train(model.training)
+        # Trainable only once activated, like any module outside the active composition.
+        fusion = AdapterFusion(int(model.config.hidden_size), dim, temperature).to(reference.device).train(model.training)
+        layer[name] = fusion.requires_grad_(False)
     model.fusion_configs = {**fusion_configs(model), name: {"adapters": list(adapters), "dim": dim, "temperature": temperature}}
     return Fuse(*adapters, fusion=name)
 
@@ -140,6 +143,15 @@ def set_active_adapter(
     unknown = [n for n in members if n not in configs and n not in fusions]
     if unknown:
         raise AdapterConfigError(f"no adapter named {unknown[0]!r}; this model has {sorted({**configs, **fusions}) or 'none'}")
+    # A fusion only mixes adapters: it runs as the `fusion` of a Fuse, never as an adapter (name or Stack member).
+    adapter_slots = list(active.names) if isinstance(active, (Stack, Fuse)) else [] if active is None else [active]
+    misplaced = [n for n in adapter_slots if n in fusions]
+    if misplaced:
+        raise AdapterConfigError(f"{misplaced[0]!r} is a fusion, not an adapter: activate it as "
+                                 f"Fuse({', '.join(map(repr, fusions[misplaced[0]]['adapters']))}, fusion={misplaced[0]!r})")
+    if isinstance(active, Fuse) and active.fusion not in fusions:
+        raise AdapterConfigError(f"{active.fusion!r} is not a fusion; this model's fusions: {sorted(fusions) or 'none'} "
+                                 "(add_fusion creates one)")
     if isinstance(active, Fuse) and sorted(fusions[active.fusion]["adapters"]) != sorted(active.names):
         raise AdapterConfigError(
             f"fusion {active.fusion!r} was built over {fusions[active.fusion]['adapters']}, not {list(active.names)}"

@@ -92,6 +92,7 @@ def find_insertion_points(model: nn.Module, config: AdapterConfig) -> list[Inser
     names = [name for name, _ in model.named_modules()]
     if config.target_modules is not None:
         points = _explicit_points(names, config.target_modules)
+        _check_explicit_targets(model, points)
     else:
         points = _mapped_points(model, names, config.location)
     total = num_layers(model)
@@ -142,6 +143,22 @@ def _explicit_points(names: list[str], targets: list[str]) -> list[InsertionPoin
             f"{', '.join(n for n in names[1:6])}, ..."
         )
     return points
+
+
+def _check_explicit_targets(model: nn.Module, points: list[InsertionPoint]) -> None:
+    """An adapter reads and writes the hidden state: a matched container never runs (its forward is never
+    called), and a projection to another width (BERT's intermediate.dense, Llama's gate_proj) cannot feed one."""
+    modules, hidden = dict(model.named_modules()), int(model.config.hidden_size)
+    for point in points:
+        module = modules[point.output_module]
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            raise AdapterConfigError(f"target_modules match {point.output_module!r}, a {type(module).__name__} that never runs "
+                                     "as one module; name the sublayers inside it (e.g. 'mlp', 'output')")
+        width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # Linear; GPT-2's Conv1D
+        if width is not None and int(width) != hidden:
+            raise AdapterConfigError(
+                f"target module {point.output_module!r} outputs {width} features, not the hidden size {hidden}: adapters "
+                "sit on sublayer outputs of the hidden width (e.g. BERT's 'output.dense', Llama's 'down_proj' or 'mlp')")
 
 
 def _regex_fullmatch(pattern: str, name: str) -> bool:
