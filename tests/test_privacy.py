@@ -75,11 +75,14 @@ unreliable_app = ClientApp()
 
 @unreliable_app.train(mods=[clip_when_asked])
 def nan_in_round_1_crash_in_round_2(msg: Message, context: Context) -> Message:
-    """Client 1's round-1 update is NaN (rejected by the server's screening); client 0 raises in round 2."""
+    """Client 1's round-1 update is NaN (rejected by the server's screening); client 0 raises in round 2, beside
+    client 1's reply without metrics (rejected too: the failed round is recorded, not crashed on)."""
     client, run_round = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
     if (client, run_round) == (0, 2):
         raise RuntimeError("client 0 crashed")
     reply = train_adapter(msg, context)
+    if (client, run_round) == (1, 2):
+        return Message(content=RecordDict({"arrays": reply.content["arrays"]}), reply_to=msg)
     if (client, run_round) == (1, 1):
         arrays = reply.content["arrays"]
         name = next(iter(arrays))
@@ -100,7 +103,8 @@ def test_dp_accounts_for_fewer_updates_records_failed_rounds_and_evaluates_clien
     records = simulate(config, verbose=False, client_app=unreliable_app).records
     first, second, third = records[1:]
     assert first["updates_rejected"] == 1 and first["dp_noise_multiplier"] == pytest.approx(multiplier * 3 / 4)
-    assert second["skipped"] == 1 and second["clients_failed"] == 1 and "dp_epsilon" not in second
+    assert second["skipped"] == 1 and second["clients_failed"] == 1 and second["updates_rejected"] == 1
+    assert "dp_epsilon" not in second
     assert third["dp_noise_multiplier"] == pytest.approx(multiplier)
     ledger = RdpAccountant(PrivacyConfig(target_delta=config.privacy.target_delta, population_size=4,
                                          neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -189,6 +193,22 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(tmp_path, tiny_b
         assert naive.size == true_updates[0].size
         for update in true_updates:
             assert abs(np.corrcoef(naive, update)[0, 1]) < 0.3
+
+
+@pytest.mark.parametrize("privacy,message", [
+    ({"secagg_threshold": 5}, r"secagg_threshold = 5 exceeds the 4 clients that hold key shares each round \(4 sampled\)"
+                              r".*at most 4"),
+    ({"secagg_quantization_range": 2**30}, r"secagg_quantization_range = 1073741824 x 4 clients per round reaches 2\^32"
+                                           r".*below 1073741824"),
+    ({"secagg_quantization_range": 0}, r"refused by Flower's SecAgg\+ workflow: `quantization_range` must be greater than 0"),
+])
+def test_secure_aggregation_settings_that_would_train_nothing_or_sum_wrongly_are_refused(
+        tmp_path, tiny_base, keyword_data, privacy: dict, message: str) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"min_train_clients": 3},
+                         privacy={"secure_aggregation": True, "secagg_max_weight": 100.0, **privacy})
+    with pytest.raises(ConfigError, match=message):
+        simulate(config, verbose=False)
+    assert not config.run_dir.exists()
 
 
 def secure_fit_message(config) -> Message:

@@ -379,23 +379,31 @@ slow_to_answer_app.evaluate()(evaluate_adapter)
 
 @slow_to_answer_app.query()
 def identify_after_one_failure(msg: Message, context: Context) -> Message:
-    """Client 2 fails the first "which client are you" query of the run (its marker file not yet written)."""
-    marker = os.path.join(os.environ["IDENTIFY_MARKER_DIR"], "client-2-failed-once")
-    if int(context.node_config["partition-id"]) == 2 and not os.path.exists(marker):
+    """The clients listed in IDENTIFY_FAILING fail the run's first "which client are you" query (no marker yet)."""
+    client = int(context.node_config["partition-id"])
+    marker = os.path.join(os.environ["IDENTIFY_MARKER_DIR"], f"client-{client}-failed-once")
+    if str(client) in os.environ["IDENTIFY_FAILING"].split(",") and not os.path.exists(marker):
         open(marker, "w").close()
-        raise RuntimeError("client 2 cannot answer yet")
+        raise RuntimeError(f"client {client} cannot answer yet")
     return identify(msg, context)
 
 
-def test_a_node_that_fails_to_identify_is_asked_again_and_then_trains(tmp_path, tiny_base, keyword_data, monkeypatch) -> None:
-    """Shuffled passes only choose identified clients: one that fails the first query joins from the next round."""
+@pytest.mark.parametrize("failing", ["2", "0,1,2,3,4"])
+def test_a_node_that_fails_to_identify_is_asked_again_and_then_trains(tmp_path, tiny_base, keyword_data, monkeypatch,
+                                                                      failing: str) -> None:
+    """Shuffled passes only choose identified clients: one that fails the first query joins from the next round;
+    with fewer identified than min_train_clients, the round draws uniformly instead of waiting forever."""
     monkeypatch.setenv("IDENTIFY_MARKER_DIR", str(tmp_path))  # Ray's processes, started by this run, inherit it
+    monkeypatch.setenv("IDENTIFY_FAILING", failing)
     config = tiny_config(tmp_path, tiny_base, keyword_data, partition={"num_clients": 5},
                          strategy={"num_rounds": 4, "fraction_train": 0.4, "sampling": "shuffled"}, train={"local_epochs": 1})
     records = simulate(config, verbose=False, client_app=slow_to_answer_app).records[1:]
-    others = [0, 1, 3, 4]
-    expected = [sorted(others[i] for i in shuffled_participants(4, 2, 1, seed=0))]
-    expected += [sorted(shuffled_participants(5, 2, r, seed=0)) for r in range(2, 5)]
-    assert any(2 in clients for clients in expected[1:])  # the check has power: client 2 is due in rounds 2-4
-    assert [r["train_clients"] for r in records] == expected
-    assert (tmp_path / "client-2-failed-once").exists()
+    later = [sorted(shuffled_participants(5, 2, r, seed=0)) for r in range(2, 5)]
+    assert [r.get("train_clients") for r in records[1:]] == later
+    if failing == "2":
+        others = [0, 1, 3, 4]
+        assert records[0]["train_clients"] == sorted(others[i] for i in shuffled_participants(4, 2, 1, seed=0))
+        assert any(2 in clients for clients in later)  # the check has power: client 2 is due in rounds 2-4
+    else:  # nobody identified in round 1: a uniform draw of 2 (its clients unknown to the server), no hang
+        assert "train_clients" not in records[0] and records[0]["clients_replied"] == 2
+    assert all((tmp_path / f"client-{c}-failed-once").exists() for c in failing.split(","))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.numpy import load_file
 
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.mods import CONTROL_PREFIX
+from fed_adapters.federated.head_calibration import HEAD_BIAS, HEAD_WEIGHT
 from fed_adapters.federated.personalization import SharedWire, shared_parameters, snapshot
 from fed_adapters.federated.private_store import PrivateStore
 from fed_adapters.federated.scaffold import train_with_controls
@@ -58,7 +61,7 @@ def test_one_corrected_step_leaves_the_client_control_at_its_gradient(tmp_path, 
 
 
 def test_scaffold_federation_keeps_the_server_control_at_the_mean_of_the_clients(tmp_path, tiny_base, keyword_data) -> None:
-    config = tiny_config(tmp_path, tiny_base, keyword_data, **SCAFFOLD)
+    config = tiny_config(tmp_path, tiny_base, keyword_data, **SCAFFOLD, head_calibration={"method": "lda"})
     recorder = simulate(config, keep_updates=True, verbose=False)
     records = recorder.records
     model, _ = model_and_tokenizer(config)
@@ -81,11 +84,15 @@ def test_scaffold_federation_keeps_the_server_control_at_the_mean_of_the_clients
         np.testing.assert_allclose(server[CONTROL_PREFIX + key], mean_of_clients, atol=1e-6)
         assert np.abs(server[CONTROL_PREFIX + key]).max() > 0
 
-    # The adapter itself is FedAvg's example-weighted mean of the replies (server step 1).
+    # After the last round the adapter travels alone: the head-calibration query carries no control variate.
+    calibration = json.loads((config.run_dir / "metrics.json").read_text())["head_calibration"]
+    assert calibration["bytes_down"] == 4 * SharedWire(config).pack(model).count_bytes()
+
+    # The adapter itself is FedAvg's example-weighted mean of the replies (server step 1); the head was refitted.
     final = load_file(str(config.run_dir / "adapter" / "adapter.safetensors"))
     updates = recorder.updates[3]
     total = sum(n for n, _ in updates)
-    for key in adapter_keys:
+    for key in adapter_keys - {HEAD_WEIGHT, HEAD_BIAS}:
         np.testing.assert_allclose(final[key], sum(n * a[key].astype(np.float64) for n, a in updates) / total, atol=1e-6)
     assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.15, [r["accuracy"] for r in records]
 

@@ -26,7 +26,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from .config import RunConfig
 from .recording import RoundRecorder
-from .validation import LOG
+from .validation import LOG, screen
 
 def clients_per_round(config: RunConfig, num_clients: int) -> int:
     """How many clients Flower's FedAvg samples per training round (its own formula)."""
@@ -57,7 +57,10 @@ class AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         if failed:  # Flower's wrapper refuses the round before the recording strategy would see it: record it here
             LOG.warning("round %d skipped: %d of %d sampled client(s) failed, and differential privacy aggregates only "
                         "complete rounds", self.recorder.offset + server_round, failed, len(replies))
-            self.recorder.received(server_round, replies, phase="train")
+            # Screened as the recording strategy would: a malformed reply beside the failure must not crash the record.
+            kept, rejected = screen(self.recorder.offset + server_round, replies, self.strategy.global_arrays,
+                                    self.strategy.max_update_norm)
+            self.recorder.received(server_round, kept, phase="train", rejected=len(rejected))
             self.recorder.note(skipped=1)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)

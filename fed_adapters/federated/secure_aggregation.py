@@ -26,10 +26,13 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from ..configuration import ConfigError
 from .config import RunConfig
 from .mods import NAMES_KEY, named
+from .privacy import clients_per_round
 from .recording import RoundRecorder
 
+MODULUS = 2**32  # SecAggPlusWorkflow's default modulus_range: the masked vectors are summed modulo it
 
 
 # --- server side ---------------------------------------------------------------------------------------
@@ -45,10 +48,10 @@ class _TrafficGrid:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         if messages and messages[0].metadata.group_id != "0":
-            ok = [r for r in replies if not r.has_error()]
+            ok = [r for r in replies if not r.has_error()]  # errors and time-outs (no reply at all) count as failed
             masked = sum(RECORD_KEY_CONFIGS in r.content.config_records and _carries_masked_vector(r) for r in ok)
             self._recorder.add(int(messages[0].metadata.group_id), bytes_down=sum(map(_payload_bytes, messages)),
-                               bytes_up=sum(map(_payload_bytes, ok)), clients_failed=len(replies) - len(ok),
+                               bytes_up=sum(map(_payload_bytes, ok)), clients_failed=len(messages) - len(ok),
                                clients_replied=masked)
             self._recorder.note(clients_sampled=max(len(messages), self._recorder.current("clients_sampled", 0)))
         return replies
@@ -72,12 +75,42 @@ def _payload_bytes(message: Message) -> int:
     return size
 
 
+def secure_workflow(config: RunConfig) -> SecAggPlusWorkflow:
+    p = config.privacy
+    return SecAggPlusWorkflow(
+        num_shares=p.secagg_shares or 1.0, reconstruction_threshold=p.secagg_threshold, max_weight=p.secagg_max_weight,
+        clipping_range=p.secagg_clipping_range, quantization_range=p.secagg_quantization_range,
+        timeout=config.strategy.round_timeout,
+    )
+
+
+def check_secure_settings(config: RunConfig, num_clients: int) -> None:
+    """Settings under which SecAgg+ would run and yet train nothing, or sum wrongly, refused before the run:
+    Flower's own argument checks, a threshold above the clients that hold shares (every round halts at its
+    set-up), and quantized sums that overflow the 2^32 modulus (the mean comes out wrong without an error)."""
+    p = config.privacy
+    try:
+        secure_workflow(config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"privacy.secagg_* settings refused by Flower's SecAgg+ workflow: {error}") from None
+    per_round = clients_per_round(config, num_clients)
+    holders = min(p.secagg_shares or per_round, per_round)
+    if p.secagg_threshold > holders:
+        raise ConfigError(f"privacy.secagg_threshold = {p.secagg_threshold} exceeds the {holders} clients that hold key "
+                          f"shares each round ({per_round} sampled{f', secagg_shares = {p.secagg_shares}' if p.secagg_shares else ''}): "
+                          f"SecAgg+ would halt every round at its set-up; set it to at most {holders}")
+    if p.secagg_quantization_range * per_round >= MODULUS:
+        raise ConfigError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range} x {per_round} clients per round "
+                          f"reaches 2^32: the masked sums would overflow and the mean come out wrong; set it below "
+                          f"{MODULUS // per_round}")
+
+
 def run_secure_rounds(
     grid: Grid, config: RunConfig, initial: ArrayRecord, fit_config: ConfigRecord, num_clients: int,
     recorder: RoundRecorder, evaluate_global: Callable[[int, ArrayRecord], MetricRecord], done: int = 0,
 ) -> ArrayRecord:
     """The rounds after `done` of FedAvg through SecAgg+; returns the final shared arrays."""
-    s, p = config.strategy, config.privacy
+    s = config.strategy
     names = list(initial.keys())
 
     def round_config(server_round: int) -> dict:
@@ -95,10 +128,7 @@ def run_secure_rounds(
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.num_rounds - done, round_timeout=s.round_timeout),
                            strategy=strategy)
-    secure = SecAggPlusWorkflow(
-        num_shares=p.secagg_shares or 1.0, reconstruction_threshold=p.secagg_threshold, max_weight=p.secagg_max_weight,
-        clipping_range=p.secagg_clipping_range, quantization_range=p.secagg_quantization_range, timeout=s.round_timeout,
-    )
+    secure = secure_workflow(config)
     # A round that loses too many clients is skipped by Flower (logged); its record shows clients_replied.
     DefaultWorkflow(fit_workflow=secure, evaluate_workflow=lambda *_: None)(_TrafficGrid(grid, recorder), legacy)
     return named(names, context.state.array_records["parameters"].to_numpy_ndarrays())

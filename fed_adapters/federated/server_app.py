@@ -17,7 +17,7 @@ from ..adapters import save_adapter
 from ..data import make_loader
 from ..training import evaluate, seed_everything
 from . import checkpoints, client_report, results
-from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY
+from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, split_controls
 from .config import RunConfig, run_config_from_flat
 from .head_calibration import calibrate_head, format_calibration
 from .recording import RoundRecorder, global_metrics
@@ -90,6 +90,7 @@ def run_federation(
             timeout=config.strategy.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
             evaluate_fn=evaluate_global,
         ).arrays or initial  # empty when every round was skipped
+    final_arrays = split_controls(final_arrays)[0]  # SCAFFOLD's control variates have done their work: adapter alone
     wire.load(model, final_arrays)
     calibration = None
     if config.head_calibration.method != "none":

@@ -26,6 +26,7 @@ from .config import RunConfig
 from .personalization import WireFormat
 from .recording import RoundRecorder
 from .results import check_run_dir
+from .secure_aggregation import check_secure_settings
 from .server_app import run_federation
 from .strategies import make_strategy
 from .task import build_adapted_model, shards, test_data, training_data
@@ -65,7 +66,9 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
                           f"{largest} training examples: SecAgg+ expects num_examples <= max_weight (it scales each "
                           f"update by their ratio before clipping it, and sums the weights modulo 2^32); set "
                           f"privacy.secagg_max_weight >= {largest}")
-    if not config.privacy.secure_aggregation:  # Flower's strategies check their own arguments when built
+    if config.privacy.secure_aggregation:
+        check_secure_settings(config, len(client_shards))
+    else:  # Flower's strategies check their own arguments when built
         try:
             make_strategy(config, len(client_shards), RoundRecorder(config.strategy.num_rounds, verbose=False))
         except ValueError as error:

@@ -87,7 +87,13 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             self.global_arrays = arrays  # what every update is checked against
             run_round = self.run_round(server_round)
             grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
-            if self.shuffled_per_round and 0.0 < self.fraction_train < 1.0:
+            shuffled = self.shuffled_per_round and 0.0 < self.fraction_train < 1.0
+            if shuffled and len(set(self.client_of.values())) < self.min_train_nodes:
+                LOG.warning("round %d: only %d client(s) have said who they are, fewer than strategy.min_train_clients = "
+                            "%d; this round draws its clients uniformly", run_round, len(set(self.client_of.values())),
+                            self.min_train_nodes)
+                shuffled = False
+            if shuffled:
                 grid = self.shuffled_round(grid, run_round)
                 # Flower trains `fraction_train` of the grid's nodes, waiting for `min_available_nodes`; for a
                 # grid that lists only the chosen clients, both must mean "all of them".
