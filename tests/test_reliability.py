@@ -318,13 +318,21 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     assert cli(["simulate", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
 
     # Killed after the last round's checkpoint, before the final files: --resume finishes it, training nothing.
-    finished = {name: (run_dir / name).read_bytes() for name in ("metrics.csv", "adapter/adapter.safetensors")}
+    csv_before, adapter_before = (run_dir / "metrics.csv").read_bytes(), load_file(str(run_dir / "adapter" / "adapter.safetensors"))
     for name in ("metrics.json", "metrics.csv", "accuracy.png"):
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "adapter")
     assert cli(["simulate", "--resume", str(run_dir)]) == 0
-    assert json.loads((run_dir / "metrics.json").read_text())["rounds"] == json.loads(json.dumps(ours))
-    assert {name: (run_dir / name).read_bytes() for name in finished} == finished
+    finished = json.loads((run_dir / "metrics.json").read_text())
+    assert finished["rounds"] == json.loads(json.dumps(ours))
+    assert (run_dir / "metrics.csv").read_bytes() == csv_before
+    after = load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+    assert after.keys() == adapter_before.keys() and all(np.array_equal(after[k], adapter_before[k]) for k in after)
+    # The whole run's tensors and time, not only the part that ran after the resume.
+    reference_run = json.loads((reference.run_dir / "metrics.json").read_text())["run"]
+    assert finished["run"]["tensors_down"] == reference_run["tensors_down"] != []
+    assert finished["run"]["tensors_up"] == reference_run["tensors_up"]
+    assert finished["run"]["seconds"] >= latest(run_dir).state["seconds"] > 0
 
 
 def test_overwrite_removes_everything_the_earlier_run_left(tmp_path, tiny_base, keyword_data) -> None:

@@ -74,14 +74,16 @@ def _rng_state() -> dict:
 
 
 def write(run_dir: Path, server_round: int, model: nn.Module, arrays: ArrayRecord, records: list[dict],
-          strategy: Strategy | None, private_dir: Path | None) -> Path:
-    """The checkpoint of a completed round, renamed into place only once whole."""
+          strategy: Strategy | None, private_dir: Path | None, wire_keys: dict[str, set[str]], seconds: float) -> Path:
+    """The checkpoint of a completed round, renamed into place only once whole; `wire_keys` and `seconds` (the
+    run's so far) let a resumed run report what the whole run sent and took."""
     final = round_dir(run_dir, server_round)
     partial = final.parent / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     save_adapter(model, partial)
     save_file({name: np.ascontiguousarray(value.numpy()) for name, value in arrays.items()}, str(partial / GLOBAL))
-    state = {"round": server_round, "records": records, "rng": _rng_state(), "wire_order": list(arrays.keys())}
+    state = {"round": server_round, "records": records, "rng": _rng_state(), "wire_order": list(arrays.keys()),
+             "wire_keys": {direction: sorted(keys) for direction, keys in wire_keys.items()}, "seconds": seconds}
     if strategy is not None:
         if optimizer := _optimizer_arrays(strategy):
             save_file(optimizer, str(partial / OPTIMIZER))

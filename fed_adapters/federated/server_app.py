@@ -60,9 +60,12 @@ def run_federation(
     # In simulation the server's machine holds the clients' private states: they are checkpointed too.
     private_dir = config.private_state_dir if config.partition.method != "nodes" and config.keeps_client_state else None
     strategy = None if config.privacy.secure_aggregation else make_strategy(config, num_clients, recorder)
+    earlier_seconds = 0.0  # what the run took before an interruption
     if checkpoint:
         wire.load(model, checkpoint.arrays)
         recorder.records = checkpoint.records
+        recorder.wire_keys = {d: set(keys) for d, keys in checkpoint.state.get("wire_keys", recorder.wire_keys).items()}
+        earlier_seconds = float(checkpoint.state.get("seconds", 0.0))
         checkpoints.restore(checkpoint, strategy, private_dir)
         if verbose:
             print(f"resuming {run_dir} after round {done} of {config.strategy.num_rounds}", flush=True)
@@ -74,7 +77,8 @@ def run_federation(
         if not (checkpoint and server_round == 0):  # a resumed run's start was recorded before the interruption
             recorder.evaluated(server_round, metrics, seconds=time.perf_counter() - started)
         if server_round > 0:
-            checkpoints.write(run_dir, done + server_round, model, arrays, recorder.records, strategy, private_dir)
+            checkpoints.write(run_dir, done + server_round, model, arrays, recorder.records, strategy, private_dir,
+                              recorder.wire_keys, earlier_seconds + time.perf_counter() - started)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     # Flower's strategies tell clients the run's round (strategies.py); the SecAgg+ workflow counts from 1.
@@ -108,7 +112,7 @@ def run_federation(
         recorder.clients = client_report.evaluate_every_client(grid, final_arrays, final, config.strategy.round_timeout)
         client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
     summary = client_report.summarize(recorder.clients) if recorder.clients else None
-    results.write_run(run_dir, config, recorder.records, time.perf_counter() - started, num_clients,
+    results.write_run(run_dir, config, recorder.records, earlier_seconds + time.perf_counter() - started, num_clients,
                       recorder.wire_keys, summary, calibration)
     if verbose:
         print(results.format_rounds(recorder.records), flush=True)
