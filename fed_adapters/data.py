@@ -50,6 +50,17 @@ def resolve_source(source: str, data_root: str | os.PathLike | None = None) -> P
     return source
 
 
+HELD_OUT_SEED = 0  # one held-out subset for every run and seed: federated and centralized figures compare
+
+
+def held_out_subset(dataset: datasets.Dataset, size: int) -> datasets.Dataset:
+    """`size` examples drawn at random (fixed seed) from a held-out split, or all of it for 0: the first rows of
+    a file ordered by domain or label (Amazon's test split starts with 1,000 book reviews) are no fair sample."""
+    if not size:
+        return dataset
+    return dataset.shuffle(seed=HELD_OUT_SEED).select(range(min(size, len(dataset))))
+
+
 def load_split(
     source: str, split: str, data_root: str | os.PathLike | None = None, subset: str | None = None
 ) -> datasets.Dataset:

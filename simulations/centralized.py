@@ -20,7 +20,7 @@ from common import load_or_explain, output_dir, parse_args, select
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base, trainable_parameters
 from fed_adapters.configuration import ConfigError, load_toml, to_toml
-from fed_adapters.data import TextColumns, load_split, make_loader, tokenize_dataset
+from fed_adapters.data import TextColumns, held_out_subset, load_split, make_loader, tokenize_dataset
 from fed_adapters.modeling import DEFAULT_MODEL, load_model, load_tokenizer
 from fed_adapters.provenance import environment
 from fed_adapters.training import Optimization, evaluate, seed_everything, train
@@ -140,11 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = TextColumns(d.text, d.text_pair, d.label)
     tokenizer = load_tokenizer(config.model)
     train_raw = load_split(d.source, d.train_split, d.data_root, d.subset).shuffle(seed=config.seed)
-    eval_raw = load_split(d.source, d.eval_split, d.data_root, d.subset)
+    eval_raw = held_out_subset(load_split(d.source, d.eval_split, d.data_root, d.subset), d.eval_size or 0)
     if d.train_size:
         train_raw = train_raw.select(range(min(d.train_size, len(train_raw))))
-    if d.eval_size:
-        eval_raw = eval_raw.select(range(min(d.eval_size, len(eval_raw))))
     train_set = tokenize_dataset(train_raw, tokenizer, columns, d.max_length, d.num_labels)
     eval_set = tokenize_dataset(eval_raw, tokenizer, columns, d.max_length, d.num_labels)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import datasets
 import pytest
+from conftest import tiny_config
 
 from fed_adapters.configuration import ConfigError, apply_override, from_mapping, load_toml, to_toml
+from fed_adapters.federated.config import DataSection
+from fed_adapters.federated import task  # its test_data, imported bare, would be collected as a test
 from fed_adapters.data import DATA_ROOT_ENV, DataError, TextColumns, load_split, make_loader, tokenize_dataset
 from fed_adapters.modeling import load_tokenizer
 
@@ -163,3 +166,16 @@ def test_overrides_and_toml_round_trip(tmp_path) -> None:
     text = to_toml(dataclasses.asdict(_Outer(name='q"x', items=[_Inner(), _Inner(lr=2.0)])))
     path.write_text(text)
     assert load_toml(path, _Outer) == _Outer(name='q"x', items=[_Inner(), _Inner(lr=2.0)])
+
+
+def test_a_held_out_subset_is_a_fixed_random_sample_not_the_first_rows(tmp_path) -> None:
+    """A split stored in order (one domain or label after another) still gives a held-out subset of every kind,
+    the same one for every run seed."""
+    rows = [{"text": f"review {i}", "label": int(i >= 50)} for i in range(100)]  # label 0 first, then label 1
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = replace(tiny_config(tmp_path, tmp_path, tmp_path), data=DataSection(source=str(tmp_path), test_size=20))
+    subset = task.test_data(config)
+    assert len(subset) == 20 and 5 <= sum(subset["label"]) <= 15
+    assert task.test_data(replace(config, seed=7))["text"] == subset["text"]
+    assert len(task.test_data(replace(config, data=replace(config.data, test_size=0)))) == 100

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..adapters import add_adapter
-from ..data import load_split, tokenize_dataset
+from ..data import held_out_subset, load_split, tokenize_dataset
 from ..modeling import load_model, load_tokenizer
 from ..training import seed_everything
 from .config import RunConfig
@@ -71,7 +71,7 @@ def training_data(config: RunConfig) -> datasets.Dataset:
 def test_data(config: RunConfig) -> datasets.Dataset:
     d = config.data
     dataset = load_split(d.source, d.test_split, d.data_root or None, d.subset or None)
-    return dataset.select(range(min(d.test_size, len(dataset)))) if d.test_size else dataset
+    return held_out_subset(dataset, d.test_size)
 
 
 def shards(config: RunConfig) -> list[ClientShard]:
