@@ -19,9 +19,10 @@ from .deploy.processes import ProcessError
 from .configuration import ConfigError
 from .data import DataError
 from .modeling import ModelConfigError
+from .training import DeviceError
 
 USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, ModelConfigError, FileNotFoundError,
-               FileExistsError, CertificateError, ProcessError)
+               FileExistsError, CertificateError, ProcessError, DeviceError)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ def predict_file(adapter_dir: str | Path, input_path: str | Path, output_path: s
     for option, value in (("--batch-size", batch_size), ("--max-length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"{option} must be a whole number >= 1, got {value!r}")
+    target = resolve_device(device)  # before anything loads
     metadata = read_adapter_metadata(adapter_dir)
     if not metadata["includes_head"]:
         raise DataError(f"the adapter in {adapter_dir} holds no classification head, so its predictions would come "
@@ -64,7 +65,6 @@ def predict_file(adapter_dir: str | Path, input_path: str | Path, output_path: s
     model = load_model(name, num_labels=base["num_labels"], pooling=base.get("pooling", "mean"))
     load_adapter(model, adapter_dir)
     tokenizer = load_tokenizer(name)
-    target = resolve_device(device)
     model.to(target).eval()
     lines = []
     for start in range(0, len(rows), batch_size):

@@ -26,15 +26,24 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("adamw", "sgd")
 
 
+class DeviceError(ValueError):
+    """A device that does not exist here; the message names what does."""
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU; any torch device string is accepted."""
     if isinstance(spec, torch.device):
         return spec
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {spec!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+        raise DeviceError(f"device {spec!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 

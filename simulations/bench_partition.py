@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_explain(load_run_config, args)
     if config is None:
         return 2
+    if config.partition.method == "iid":  # shuffled before splitting: no partitioner reads a column to time
+        print(f"error: {args.config} partitions IID; this benchmark times the partitioners that read a column "
+              "(dirichlet, inner_dirichlet, pathological, natural)", file=sys.stderr)
+        return 2
     out = output_dir(config.run_dir.parent / "bench_partition", config.to_toml())
     importlib.import_module("flwr_datasets.partitioner")  # before timing: the first partitioner would pay it
     rows = []

@@ -123,10 +123,16 @@ def one_configuration(side: str, results: list[SeedResult]) -> None:
 
 
 def same_data(federated: SeedResult, centralized: SeedResult) -> None:
-    """Both sides trained on the same examples (source, subset, split, size) and were judged on the same split."""
+    """Both sides trained on the same examples (source, subset, split, size, columns, truncation; no federated
+    example held back for local tests) and were judged on the same split."""
+    if federated.settings.get("partition.local_test_fraction"):
+        raise ConfigError(f"the federated runs hold back partition.local_test_fraction = "
+                          f"{federated.settings['partition.local_test_fraction']} of each client's examples for local "
+                          "tests: they train on fewer examples than the centralized runs; compare runs with 0")
     pairs = [("data.source", "data.source"), ("data.subset", "data.subset"), ("data.train_split", "data.train_split"),
              ("data.train_size", "data.train_size"), ("data.test_split", "data.eval_split"),
-             ("data.test_size", "data.eval_size"), ("model.name", "model")]
+             ("data.test_size", "data.eval_size"), ("data.text", "data.text"), ("data.text_pair", "data.text_pair"),
+             ("data.label", "data.label"), ("model.max_length", "data.max_length"), ("model.name", "model")]
     for fed_key, cen_key in pairs:
         fed_value, cen_value = federated.settings.get(fed_key), centralized.settings.get(cen_key)
         if (fed_value or None) != (cen_value or None):

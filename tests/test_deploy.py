@@ -157,6 +157,21 @@ def test_a_node_names_its_client_with_a_number() -> None:
         client_id({"client-id": "hospital-a"}, node_id=7)
 
 
+def test_a_taken_or_impossible_port_is_named_before_anything_is_written(tmp_path, tiny_base, keyword_data, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(tiny_config(tmp_path, tiny_base, keyword_data).to_dict()))
+    port = _free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        for chosen, message in ((70000, "--port must lie in 1..65523 (the SuperNodes listen on port + 10 onward), got 70000"),
+                                (port, f"port {port} on 127.0.0.1 is taken")):
+            assert cli(["deploy", "local", str(config), "--silos", "2", "--port", str(chosen),
+                        "--work-dir", str(tmp_path / "work")]) == 2
+            assert message in capsys.readouterr().err
+            assert not (tmp_path / "work").exists()  # the corrected command finds the work dir as it was
+
+
 def test_a_taken_port_is_named_before_anything_starts(tmp_path) -> None:
     port = _free_port()
     with socket.socket() as squatter:

@@ -150,3 +150,8 @@ def test_partition_benchmark_compares_with_the_plain_data_set(tmp_path, tiny_bas
                for r in results["seeds"])
     assert max(r["partitioner_seeds"] for r in results["seeds"]) > 1  # this split needs the redraws it times
     assert (config.run_dir.parent / "bench_partition" / "config.toml").exists()
+    # IID shuffles before it splits: no partitioner reads a column, so there is nothing to compare.
+    path.write_text(tiny_config(tmp_path / "iid", tiny_base, keyword_data).to_toml())
+    refused = subprocess.run([sys.executable, str(REPO / "simulations" / "bench_partition.py"), str(path), "--seeds", "0"],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2 and "partitions IID; this benchmark times the partitioners that read a column" in refused.stderr

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import transformers as tf
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -226,7 +227,7 @@ def tiny_opt(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file"])
+@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file", "device"])
 def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_base, keyword_data, tiny_opt, capsys) -> None:
     config_path = tmp_path / "run.toml"
     config_path.write_text(tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1}).to_toml())
@@ -241,6 +242,8 @@ def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_b
         "no_adapter_points": ([f"model.name={tiny_opt}"], "no adapter mapping for model_type 'opt'"),
         "one_file": ([f"data.source={keyword_data / 'train.jsonl'}"],
                      "is one file: the server would evaluate on the very examples the clients train on"),
+        "device": (["train.device=cuda:0"] if not torch.cuda.is_available() else ["train.device=warp-drive"],
+                   "train.device: "),
     }[case]
     if case == "labels":
         bad = tmp_path / "bad-labels"

@@ -29,7 +29,7 @@ def runs(tmp_path_factory, tiny_base, keyword_data) -> tuple[list[Path], list[Pa
     federated = []
     for seed in SEEDS:
         config = tiny_config(root, tiny_base, keyword_data, run_name=f"fed_s{seed}", seed=seed,
-                             strategy={"num_rounds": 1, "fraction_evaluate": 0.0},
+                             strategy={"num_rounds": 1, "fraction_evaluate": 0.0}, partition={"local_test_fraction": 0.0},
                              train={"local_steps": 4, "batch_size": 16, "lr": 1e-2, "device": "cpu"},
                              head_calibration={"method": "lda"})
         simulate(config, verbose=False)
@@ -89,6 +89,10 @@ def test_seed_gaps_refuses_runs_it_cannot_pair(runs, tmp_path, capsys) -> None:
     other_lr = edited_copy(federated[1], tmp_path / "lr", "config.toml", "lr = 0.01", "lr = 0.02")
     resized = [edited_copy(run, tmp_path / f"size{i}", "results.json", '"train_size": null', '"train_size": 100')
                for i, run in enumerate(central)]
+    held_back = [edited_copy(run, tmp_path / f"local{i}", "config.toml", "local_test_fraction = 0.0",
+                             "local_test_fraction = 0.2") for i, run in enumerate(federated)]
+    truncated = [edited_copy(run, tmp_path / f"len{i}", "results.json", '"max_length": 16', '"max_length": 32')
+                 for i, run in enumerate(central)]
     refused = {
         "seed 1 has a federated run but no centralized one": dict(centralized_runs=central[:1]),
         "federated runs differ in train.lr (0.01 in": dict(federated=[federated[0], other_lr]),
@@ -97,6 +101,9 @@ def test_seed_gaps_refuses_runs_it_cannot_pair(runs, tmp_path, capsys) -> None:
         "but the centralized ones data.train_size = 100: a gap needs both trained and judged on the same data":
             dict(centralized_runs=resized),
         f"{root} is not a finished federated run": dict(federated=[root]),
+        "hold back partition.local_test_fraction = 0.2 of each client's examples": dict(federated=held_back),
+        "federated runs have model.max_length = 16 but the centralized ones data.max_length = 32":
+            dict(centralized_runs=truncated),
     }
     for message, inputs in refused.items():
         arguments = {"federated": federated, "centralized_runs": central, "out": tmp_path / "out", **inputs}

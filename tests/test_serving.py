@@ -133,7 +133,7 @@ def test_an_adapter_trained_on_a_frozen_head_keeps_that_head(tmp_path, tiny_base
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base) -> None:
+def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base, capsys) -> None:
     from fed_adapters import cli
 
     directory = _client_adapters(tmp_path, tiny_base, 1)[0]
@@ -167,6 +167,10 @@ def test_predict_cli_writes_what_the_model_predicts(tmp_path, tiny_base) -> None
     with pytest.raises(Exception, match=r"in.jsonl:2: column\(s\) \['text'\] must hold text, got NoneType"):
         cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o4.jsonl")])
     source.write_text('{"text": "fine"}\n')
+    for device, message in (("warp-drive", "unknown device 'warp-drive'"), ("cuda:7", "device 'cuda:7' asked for")):
+        assert cli.main(["predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o6.jsonl"),
+                         "--device", device]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "o6.jsonl").exists()
     for option, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--max-length", "0")):
         with pytest.raises(Exception, match=f"{option} must be a whole number >= 1, got {value}"):
             cli.main(["--debug", "predict", str(directory), "--input", str(source), "--output", str(tmp_path / "o5.jsonl"),

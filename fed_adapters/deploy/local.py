@@ -99,7 +99,7 @@ class LoopbackFederation:
             f'address = "127.0.0.1:{self.port}"\n{security}\n')
 
     def _start_superlink(self) -> None:
-        _check_port_free(self.port)  # else the health check below could answer for another SuperLink
+        check_port_free(self.port)  # else the health check below could answer for another SuperLink
         if self.insecure:
             security = ["--insecure"]
         else:
@@ -197,7 +197,7 @@ def _stop_on_termination() -> dict:
     return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
-def _check_port_free(port: int) -> None:
+def check_port_free(port: int) -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port in TIME_WAIT is free; a listener is not
         try:

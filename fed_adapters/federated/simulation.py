@@ -20,6 +20,7 @@ from torch import nn
 
 from ..configuration import ConfigError
 from ..data import check_columns, check_labels, resolve_source
+from ..training import DeviceError, resolve_device
 from . import checkpoints
 from .client_app import app as adapter_client_app
 from .config import RunConfig
@@ -54,6 +55,13 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
             f"data.source {config.data.source!r} is one file: the server would evaluate on the very examples the "
             f"clients train on. Give a folder holding {config.data.train_split}.jsonl and {config.data.test_split}.jsonl "
             "(or .csv / .parquet; data.train_split / data.test_split name them)")
+    try:
+        resolve_device(config.train.device)  # the server evaluates there, and clients train there
+    except DeviceError as error:
+        raise ConfigError(f"train.device: {error}") from None
+    if config.train.device.startswith("cuda") and config.simulation.num_gpus == 0:
+        raise ConfigError(f"train.device = {config.train.device!r} but simulation.num_gpus = 0: Ray gives the clients no "
+                          "GPU; set simulation.num_gpus (0.25 shares one GPU among 4 clients) or train.device = 'auto'")
     client_shards = shards(config)
     for dataset in (training_data(config), test_data(config)):
         check_columns(dataset, columns, need_label=classification)
