@@ -214,6 +214,10 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[data]\ntest_size = -1\n", "data.test_size must be >= 0, got -1"),
     ("[train]\nlocal_steps = -1\n", "train.local_steps must be >= 0, got -1"),
     ("[train]\nlocal_epochs = 0.0\n", "train.local_epochs must be > 0 \\(or train.local_steps >= 1\\), got 0.0"),
+    ("[strategy]\nserver_momentum = 1.0\n", "strategy.server_momentum must lie in \\[0, 1\\), got 1.0"),
+    ("[partition]\nmin_client_size = -1\n", "partition.min_client_size must be >= 0, got -1"),
+    ("[simulation]\nray_num_cpus = -2\n", "simulation.ray_num_cpus must be >= 0, got -2"),
+    ("[simulation]\nray_num_gpus = -5\n", "simulation.ray_num_gpus must be >= -1, got -5"),
     ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",
      "SecAgg\\+ workflow, which draws each round's clients itself; strategy.sampling = 'shuffled'"),
 ])
@@ -222,6 +226,13 @@ def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_run_config(path)
+
+
+def test_multikrum_cannot_select_more_updates_than_a_round_has(tmp_path, tiny_base, keyword_data) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"name": "multikrum", "krum_select": 5})
+    with pytest.raises(ConfigError, match="strategy 'multikrum' refuses these settings: strategy.krum_select = 5 exceeds "
+                                          "the 4 clients sampled per round"):
+        simulate(config, verbose=False)
 
 
 def test_the_process_cache_keeps_one_base_per_model_adapter_and_seed(tmp_path, tiny_base, keyword_data) -> None:

@@ -136,6 +136,7 @@ class PartitionSection:
         if self.alpha <= 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.alpha}")
         _at_least("partition.labels_per_client", self.labels_per_client, 1)
+        _at_least("partition.min_client_size", self.min_client_size, 0)
 
 
 @dataclass
@@ -180,6 +181,8 @@ class StrategySection:
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"strategy.trim_beta (the fraction FedTrimmedAvg cuts at each end) must lie in [0, 0.5), "
                               f"got {self.trim_beta}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"strategy.server_momentum must lie in [0, 1), got {self.server_momentum}")
         for key, value in (("proximal_mu", self.proximal_mu), ("server_lr", self.server_lr)):
             if value < 0:
                 raise ConfigError(f"strategy.{key} must be >= 0, got {value}")
@@ -308,6 +311,8 @@ class SimulationSection:
             raise ConfigError(f"simulation.num_cpus must be > 0, got {self.num_cpus}")
         if self.num_gpus < 0:
             raise ConfigError(f"simulation.num_gpus must be >= 0, got {self.num_gpus}")
+        _at_least("simulation.ray_num_cpus", self.ray_num_cpus, 0)
+        _at_least("simulation.ray_num_gpus", self.ray_num_gpus, -1)
 
 
 @dataclass

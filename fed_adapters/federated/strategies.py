@@ -173,6 +173,9 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
     )
     if config.privacy.dp != "none":
         common["weighted_by_key"] = UNIFORM_WEIGHT_KEY  # the noise is calibrated to a uniform mean
+    per_round = clients_per_round(config, num_clients)
+    if s.name == "multikrum" and s.krum_select > per_round:  # Flower would average every update, silently
+        raise ValueError(f"strategy.krum_select = {s.krum_select} exceeds the {per_round} clients sampled per round")
     server_lr = {"eta": s.server_lr} if s.server_lr else {}
     server_optimizer = dict(**server_lr, eta_l=config.train.lr, tau=s.tau)
     specific = {
@@ -184,10 +187,10 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "fedtrimmedavg": dict(beta=s.trim_beta),
         "krum": dict(num_malicious_nodes=s.krum_malicious),
         "multikrum": dict(num_malicious_nodes=s.krum_malicious, num_nodes_to_select=s.krum_select
-                          or max(1, clients_per_round(config, num_clients) - s.krum_malicious)),
+                          or max(1, per_round - s.krum_malicious)),
         "scaffold": dict(num_clients=num_clients, server_lr=s.server_lr or 1.0),
     }
-    shuffled_per_round = clients_per_round(config, num_clients) if s.sampling == "shuffled" else 0
+    shuffled_per_round = per_round if s.sampling == "shuffled" else 0
     strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round,
                                                     **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
