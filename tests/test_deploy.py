@@ -65,6 +65,12 @@ def test_certs_cover_the_hosts_and_never_overwrite(tmp_path) -> None:
     # Hosts compare as certificates do: an IPv6 address in any spelling, a name in any case.
     v6 = create_certificates(tmp_path / "v6", [], hosts=["2001:DB8::1", "Link.Example.org"])
     create_certificates(v6.directory, [], hosts=["2001:db8:0::1", "link.example.org"])
+    # A SuperLink key whose certificate went missing: named, and the key kept (a new pair is the operator's call).
+    key = v6.superlink_key.read_bytes()
+    v6.superlink_cert.unlink()
+    with pytest.raises(CertificateError, match="superlink.key exists without its certificate superlink.crt; put the"):
+        create_certificates(v6.directory, [])
+    assert v6.superlink_key.read_bytes() == key
 
 
 def _free_port() -> int:

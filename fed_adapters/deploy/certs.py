@@ -179,6 +179,9 @@ def create_certificates(directory: str | Path, nodes: list[str], hosts: list[str
             raise CertificateError(
                 f"{certs.superlink_cert} exists and does not cover {missing}; move superlink.crt and superlink.key "
                 "away to issue a new one (the CA and the node keys stay valid)")
+    elif certs.superlink_key.exists():
+        raise CertificateError(f"{certs.superlink_key} exists without its certificate {certs.superlink_cert.name}; put the "
+                               "certificate back, or move the key away to issue a new pair (the CA and node keys stay valid)")
     else:
         _create_superlink_cert(certs, list(hosts or DEFAULT_HOSTS), ca_cert, ca_key, days)
     for name in nodes:
