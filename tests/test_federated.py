@@ -25,7 +25,7 @@ from conftest import recorded_learning_rates, tiny_config
 
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import RunConfig, load_run_config, run_config_from_flat
-from fed_adapters.federated.simulation import backend_config, simulate
+from fed_adapters.federated.simulation import backend_config, check_client_device, simulate
 from fed_adapters.federated.client_work import local_fit
 from fed_adapters.federated.sampling import shuffled_participants
 from fed_adapters.federated.task import ClientSite, build_adapted_model, model_and_tokenizer, tokenizer
@@ -226,6 +226,19 @@ def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_run_config(path)
+
+
+def test_the_clients_device_is_checked_as_a_ray_actor_sees_it(tmp_path, tiny_base, keyword_data) -> None:
+    def device(name: str, gpus: float):
+        return tiny_config(tmp_path, tiny_base, keyword_data, train={"device": name}, simulation={"num_gpus": gpus})
+
+    with pytest.raises(ConfigError, match="train.device = 'cuda' but simulation.num_gpus = 0: Ray gives the clients no GPU"):
+        check_client_device(device("cuda", 0.0))
+    with pytest.raises(ConfigError, match="train.device = 'cuda:1': each client sees only the 1 GPU\\(s\\) Ray assigns it"):
+        check_client_device(device("cuda:1", 0.5))
+    with pytest.raises(ConfigError, match="train.device: unknown device 'warp-drive'"):
+        check_client_device(device("warp-drive", 0.0))
+    check_client_device(device("cpu", 0.0))
 
 
 def test_multikrum_cannot_select_more_updates_than_a_round_has(tmp_path, tiny_base, keyword_data) -> None:

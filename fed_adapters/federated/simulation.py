@@ -9,6 +9,7 @@ spread over all of them; `simulation.ray_num_gpus` caps how many Ray may use.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def backend_config(config: RunConfig) -> dict:
     return {"client_resources": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, "init_args": init_args}
 
 
+def check_client_device(config: RunConfig) -> None:
+    """`train.device` as a Ray actor sees it: only the GPUs Ray gave it (`simulation.num_gpus`), numbered from 0."""
+    device, gpus = config.train.device, config.simulation.num_gpus
+    if device.startswith("cuda") and gpus == 0:
+        raise ConfigError(f"train.device = {device!r} but simulation.num_gpus = 0: Ray gives the clients no GPU; set "
+                          "simulation.num_gpus (0.25 shares one GPU among 4 clients) or train.device = 'auto'")
+    index = device.partition(":")[2]
+    if device.startswith("cuda") and index.isdigit() and int(index) >= max(1, math.ceil(gpus)):
+        raise ConfigError(f"train.device = {device!r}: each client sees only the {max(1, math.ceil(gpus))} GPU(s) Ray "
+                          "assigns it, numbered from cuda:0; use 'cuda' or 'auto' (Ray spreads the clients over the GPUs)")
+    try:
+        resolve_device(device)  # the server evaluates there too
+    except DeviceError as error:
+        raise ConfigError(f"train.device: {error}") from None
+
+
 def preflight(config: RunConfig) -> tuple[int, nn.Module]:
     """Checks data, partitioning and model in this process, so that bad input fails with its own error
     before Ray starts (inside the apps it would only end the run); returns the number of clients and the
@@ -55,13 +72,7 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
             f"data.source {config.data.source!r} is one file: the server would evaluate on the very examples the "
             f"clients train on. Give a folder holding {config.data.train_split}.jsonl and {config.data.test_split}.jsonl "
             "(or .csv / .parquet; data.train_split / data.test_split name them)")
-    try:
-        resolve_device(config.train.device)  # the server evaluates there, and clients train there
-    except DeviceError as error:
-        raise ConfigError(f"train.device: {error}") from None
-    if config.train.device.startswith("cuda") and config.simulation.num_gpus == 0:
-        raise ConfigError(f"train.device = {config.train.device!r} but simulation.num_gpus = 0: Ray gives the clients no "
-                          "GPU; set simulation.num_gpus (0.25 shares one GPU among 4 clients) or train.device = 'auto'")
+    check_client_device(config)
     client_shards = shards(config)
     for dataset in (training_data(config), test_data(config)):
         check_columns(dataset, columns, need_label=classification)
