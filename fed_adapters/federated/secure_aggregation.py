@@ -76,6 +76,7 @@ def _payload_bytes(message: Message) -> int:
 
 
 def secure_workflow(config: RunConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with the run's settings (built in the preflight too, for its argument checks)."""
     p = config.privacy
     return SecAggPlusWorkflow(
         num_shares=p.secagg_shares or 1.0, reconstruction_threshold=p.secagg_threshold, max_weight=p.secagg_max_weight,
@@ -96,9 +97,10 @@ def check_secure_settings(config: RunConfig, num_clients: int) -> None:
     per_round = clients_per_round(config, num_clients)
     holders = min(p.secagg_shares or per_round, per_round)
     if p.secagg_threshold > holders:
+        shares = f", secagg_shares = {p.secagg_shares}" if p.secagg_shares else ""
         raise ConfigError(f"privacy.secagg_threshold = {p.secagg_threshold} exceeds the {holders} clients that hold key "
-                          f"shares each round ({per_round} sampled{f', secagg_shares = {p.secagg_shares}' if p.secagg_shares else ''}): "
-                          f"SecAgg+ would halt every round at its set-up; set it to at most {holders}")
+                          f"shares each round ({per_round} sampled{shares}): SecAgg+ would halt every round at its "
+                          f"set-up; set it to at most {holders}")
     if p.secagg_quantization_range * per_round >= MODULUS:
         raise ConfigError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range} x {per_round} clients per round "
                           f"reaches 2^32: the masked sums would overflow and the mean come out wrong; set it below "
