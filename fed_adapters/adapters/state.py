@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
@@ -259,9 +259,9 @@ def _check_base(metadata: dict, model: nn.Module, directory: Path) -> None:
 def _read_weights(directory: Path, metadata: dict) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_FILE
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one read: the header's save id and the tensors
             stamp = (handle.metadata() or {}).get(SAVE_ID)
-        state = load_file(str(path))
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises several types for a damaged file
         raise AdapterStateError(f"{path} cannot be read ({error}); the file is corrupted") from None
     if SAVE_ID in metadata and stamp != metadata[SAVE_ID]:  # files written before save ids carry none

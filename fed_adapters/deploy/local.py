@@ -26,6 +26,7 @@ from ..federated.node_worker import node_state_dir, running_pids
 from .processes import ProcessError, ProcessGroup, stop_pids
 
 FEDERATION = "fed-adapters-local"
+NODE_PORT_OFFSET = 10  # SuperNode i serves its ClientApp API on the SuperLink's port + this + i
 NODE_READY = "SuperNode ID:"  # logged once the SuperLink accepted the node
 REFUSED = "Failed to activate SuperNode"  # logged by a node whose key the SuperLink does not know
 
@@ -143,7 +144,7 @@ class LoopbackFederation:
                         str(private_key or self.certs.node_key(silo.name))]
         return self.processes.start(silo.name, [
             "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", *security, "--node-config", config,
-            "--port", str(self.port + 10 + index), "--max-retries", "3",
+            "--port", str(self.port + NODE_PORT_OFFSET + index), "--max-retries", "3",
         ], cwd=self.work_dir / "nodes" / silo.name)
 
     # --- running ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from ..data import resolve_source
 from ..federated.config import RunConfig
 from ..federated.partition import partition
 from ..federated.task import training_data
-from .local import LoopbackFederation, Silo, check_port_free
+from .local import NODE_PORT_OFFSET, LoopbackFederation, Silo, check_port_free
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository: its pyproject.toml is the Flower App
 
@@ -55,9 +55,10 @@ def run_local_deployment(config: RunConfig, num_silos: int, work_dir: Path, port
         raise ConfigError(f"--silos must be >= 2, got {num_silos}")
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"{app_dir} holds no pyproject.toml: give --app the fed_adapters repository (the Flower App)")
-    highest = 65535 - 10 - num_silos  # the SuperNodes listen on port + 10 onward
+    highest = 65535 - NODE_PORT_OFFSET - num_silos  # the SuperNodes listen on port + NODE_PORT_OFFSET onward
     if not 1 <= port <= highest:
-        raise ConfigError(f"--port must lie in 1..{highest} (the SuperNodes listen on port + 10 onward), got {port}")
+        raise ConfigError(f"--port must lie in 1..{highest} (the SuperNodes listen on port + {NODE_PORT_OFFSET} onward), "
+                          f"got {port}")
     check_port_free(port)  # before anything is written: a retry on another port finds the work dir as it was
     work_dir = work_dir.resolve()
     silos = write_silo_data(config, num_silos, work_dir / "silo-data")

@@ -161,9 +161,8 @@ def evaluate_locally(arrays: Arrays, message_config: dict, node: dict, node_id: 
     received = as_record(arrays)
     global_metrics, personal = evaluate_client(model, config, received, site.store(config), site.client, evaluate_now, fit)
     # A client sampled in no round has no private part of its own yet: its personal model is the initial one.
-    private = config.personalization.mode not in ("none", "finetune")
-    record = {"num-examples": len(test_set), "partition-id": site.client,
-              "personal-trained": int(not private or site.store(config).path(site.client).exists())}
+    trained = not config.personalization.keeps_private_part or site.store(config).holds(site.client)
+    record = {"num-examples": len(test_set), "partition-id": site.client, "personal-trained": int(trained)}
     for prefix, metrics in (("", global_metrics), ("personal-", personal)):
         record.update({prefix + k.replace("_", "-"): v for k, v in metrics.items() if k != "num_examples"})
     return record

@@ -244,6 +244,11 @@ class PersonalizationSection:
             raise ConfigError("personalization.mode = 'ditto' pulls the private adapter toward the global one weight by "
                               "weight, so both need one shape: leave personalization.private_bottleneck at 0")
 
+    @property
+    def keeps_private_part(self) -> bool:
+        """Whether each client's personal model holds tensors of its own (split, ditto, fusion), kept in its store."""
+        return self.mode not in ("none", "finetune")
+
 
 @dataclass
 class PrivacySection:
@@ -358,7 +363,7 @@ class RunConfig:
                 f"strategy.name = 'scaffold' corrects each local gradient step, which train.optimizer = "
                 f"{self.train.optimizer!r} rescales; set train.optimizer = 'sgd'"
             )
-        if self.strategy.name == "scaffold" and p.mode not in ("none", "finetune"):
+        if self.strategy.name == "scaffold" and p.keeps_private_part:
             raise ConfigError(
                 f"strategy.name = 'scaffold' keeps a control variate per client beside the global adapter; "
                 f"personalization.mode = {p.mode!r} keeps private tensors too and is not supported with it: "
@@ -374,12 +379,12 @@ class RunConfig:
                 f"train.logit_adjustment shifts class logits by the client's label frequencies; model.task = "
                 f"{self.model.task!r} has no classes: set train.logit_adjustment = 0"
             )
-        if self.train.logit_adjustment and p.mode not in ("none", "finetune"):
+        if self.train.logit_adjustment and p.keeps_private_part:
             raise ConfigError(
                 f"train.logit_adjustment keeps the client's label prior out of what it trains, but personalization.mode = "
                 f"{p.mode!r} trains private parts in the same pass, which should learn it: use one or the other"
             )
-        if self.train.keep_optimizer_state and p.mode not in ("none", "finetune"):
+        if self.train.keep_optimizer_state and p.keeps_private_part:
             raise ConfigError(
                 f"train.keep_optimizer_state keeps the moments of the shared adapter's training, but personalization.mode = "
                 f"{p.mode!r} trains private parts in the same pass: use one or the other"
@@ -406,7 +411,7 @@ class RunConfig:
                 f"'mean' or 'first'; this run has task {self.model.task!r}, pooling {self.model.pooling!r}: "
                 "set head_calibration.method = 'none'"
             )
-        if not self.adapter.train_head or self.personalization.mode not in ("none", "finetune"):
+        if not self.adapter.train_head or self.personalization.keeps_private_part:
             raise ConfigError(
                 f"{method} refits the shared task head, but adapter.train_head = {self.adapter.train_head} / "
                 f"personalization.mode = {self.personalization.mode!r} keep the head off the wire: use "

@@ -29,7 +29,7 @@ def export_client(run_dir: str | Path, client: int, out_dir: str | Path, overwri
     if not 0 <= client < len(clients):
         raise ConfigError(f"client {client} is not in this run; its clients are 0..{len(clients) - 1}")
     store = PrivateStore(config.private_state_dir)
-    if config.personalization.mode not in ("none", "finetune") and store.load(client) is None:
+    if config.personalization.keeps_private_part and not store.holds(client):
         raise ConfigError(f"client {client} has no private state in {store.directory}: it never trained in this run "
                           "(with fraction_train < 1 some clients may not have been sampled)")
     model = build_adapted_model(config)

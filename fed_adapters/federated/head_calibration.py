@@ -102,7 +102,7 @@ def calibrate_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, message_c
     """The final `arrays` with an LDA head fitted on the sampled clients' statistics, and what it cost;
     (None, {"error": ...}) when the statistics cannot fit one (the run keeps its uncalibrated head)."""
     c = config.head_calibration
-    client_of = identify_clients(grid, num_clients, {}) if c.fraction < 1.0 else {}
+    client_of = identify_clients(grid, num_clients) if c.fraction < 1.0 else {}
     nodes = calibration_nodes(grid, c.fraction, config.seed, client_of)
     parts, record = collect_statistics(grid, nodes, arrays, message_config, config.strategy.round_timeout)
     record.update(method=c.method, shrinkage=c.shrinkage)

@@ -75,7 +75,8 @@ def named(names: list[str], arrays) -> ArrayRecord:
 def check_secure_scaling(arrays: ArrayRecord, num_examples: int, privacy: dict) -> None:
     """Refuses an update that SecAgg+ would corrupt without a word: Flower's mod scales it by num_examples /
     max_weight, clips it to +-clipping_range and sums the weights modulo 2^32. A deployed server never sees the
-    clients' shard sizes, so each client checks its own update (simulation also checks in its preflight)."""
+    clients' shard sizes, so each client checks its own update (a simulation checks the shards before it starts,
+    `secure_aggregation.check_secure_settings`)."""
     max_weight, clipping_range = float(privacy["secagg_max_weight"]), float(privacy["secagg_clipping_range"])
     if num_examples > max_weight:
         raise ValueError(f"this client trains on {num_examples} examples, more than privacy.secagg_max_weight = "

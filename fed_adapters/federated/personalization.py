@@ -89,7 +89,7 @@ def shared_parameters(model: nn.Module, config: RunConfig) -> Params:
 def private_parameters(model: nn.Module, config: RunConfig) -> Params:
     """What a client keeps: keys of the private adapter and fusion are prefixed with their names."""
     p = config.personalization
-    if p.mode in ("none", "finetune"):
+    if not p.keeps_private_part:
         return {}
     params: Params = {}
     private_top = _private_top_layer_keys(model, config)
@@ -218,7 +218,7 @@ def _ditto_anchor(model: nn.Module, config: RunConfig, received: State) -> dict[
 def activate_personal_model(model: nn.Module, config: RunConfig, store: PrivateStore, client: int, fit: Fit) -> None:
     """Turns `model`, holding the global shared tensors, into `client`'s personal model."""
     p = config.personalization
-    if p.mode in ("none", "finetune"):
+    if not p.keeps_private_part:
         set_active_adapter(model, SHARED)
         if p.mode == "finetune":
             fit(max_steps=p.finetune_steps)

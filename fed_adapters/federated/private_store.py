@@ -27,10 +27,14 @@ class PrivateStore:
     def path(self, client: int) -> Path:
         return self.directory / f"client-{client:05d}.safetensors"
 
+    def holds(self, client: int) -> bool:
+        """Whether the client has saved its state (it trained at least once)."""
+        return self.path(client).exists()
+
     def load(self, client: int) -> dict[str, torch.Tensor] | None:
         """The client's tensors, or None before its first save."""
         path = self.path(client)
-        if not path.exists():
+        if not self.holds(client):
             return None
         try:
             return load_file(str(path))

@@ -36,10 +36,12 @@ class ClientOrderedGrid:
         return getattr(self._grid, name)
 
 
-def identify_clients(grid: Grid, expected: int, known: dict[int, int], timeout: float = 600.0) -> dict[int, int]:
+def identify_clients(grid: Grid, expected: int, known: dict[int, int] | None = None,
+                     timeout: float = 600.0) -> dict[int, int]:
     """node id -> client id: `known` plus the answers of the connected nodes not in it (at the first call, once
     `expected` nodes are connected). A node that fails to answer is asked again at the next call; until then it
     is listed after the known ones and never chosen by shuffled passes (a warning says so)."""
+    known = known or {}
     nodes = [node for node in grid.get_node_ids() if node not in known] if known else sample_nodes(grid, expected, expected)[0]
     if not nodes:
         return known

@@ -85,11 +85,18 @@ def secure_workflow(config: RunConfig) -> SecAggPlusWorkflow:
     )
 
 
-def check_secure_settings(config: RunConfig, num_clients: int) -> None:
+def check_secure_settings(config: RunConfig, shard_sizes: list[int]) -> None:
     """Settings under which SecAgg+ would run and yet train nothing, or sum wrongly, refused before the run:
-    Flower's own argument checks, a threshold above the clients that hold shares (every round halts at its
-    set-up), and quantized sums that overflow the 2^32 modulus (the mean comes out wrong without an error)."""
-    p = config.privacy
+    Flower's own argument checks, a client heavier than `secagg_max_weight` (each client checks its own update
+    too, `mods.check_secure_scaling`: a deployed server never sees shard sizes), a threshold above the clients
+    that hold shares (every round halts at its set-up), and quantized sums that overflow the 2^32 modulus (the
+    mean comes out wrong without an error)."""
+    p, num_clients, largest = config.privacy, len(shard_sizes), max(shard_sizes)
+    if largest > p.secagg_max_weight:
+        raise ConfigError(f"privacy.secagg_max_weight = {p.secagg_max_weight:g} is below the largest client's {largest} "
+                          f"training examples: SecAgg+ expects num_examples <= max_weight (it scales each update by their "
+                          f"ratio before clipping it, and sums the weights modulo 2^32); set privacy.secagg_max_weight >= "
+                          f"{largest}")
     try:
         secure_workflow(config)
     except (TypeError, ValueError) as error:

@@ -79,14 +79,8 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
     model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
-    largest = max(len(shard.train) for shard in client_shards)
-    if config.privacy.secure_aggregation and largest > config.privacy.secagg_max_weight:
-        raise ConfigError(f"privacy.secagg_max_weight = {config.privacy.secagg_max_weight:g} is below the largest client's "
-                          f"{largest} training examples: SecAgg+ expects num_examples <= max_weight (it scales each "
-                          f"update by their ratio before clipping it, and sums the weights modulo 2^32); set "
-                          f"privacy.secagg_max_weight >= {largest}")
     if config.privacy.secure_aggregation:
-        check_secure_settings(config, len(client_shards))
+        check_secure_settings(config, [len(shard.train) for shard in client_shards])
     else:  # Flower's strategies check their own arguments when built
         try:
             make_strategy(config, len(client_shards), RoundRecorder(config.strategy.num_rounds, verbose=False))

@@ -88,10 +88,10 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             run_round = self.run_round(server_round)
             grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
             shuffled = self.shuffled_per_round and 0.0 < self.fraction_train < 1.0
-            if shuffled and len(set(self.client_of.values())) < self.min_train_nodes:
+            identified = len(set(self.client_of.values()))
+            if shuffled and identified < self.min_train_nodes:
                 LOG.warning("round %d: only %d client(s) have said who they are, fewer than strategy.min_train_clients = "
-                            "%d; this round draws its clients uniformly", run_round, len(set(self.client_of.values())),
-                            self.min_train_nodes)
+                            "%d; this round draws its clients uniformly", run_round, identified, self.min_train_nodes)
                 shuffled = False
             if shuffled:
                 grid = self.shuffled_round(grid, run_round)
