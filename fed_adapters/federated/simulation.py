@@ -47,13 +47,14 @@ def backend_config(config: RunConfig) -> dict:
 def check_client_device(config: RunConfig) -> None:
     """`train.device` as a Ray actor sees it: only the GPUs Ray gave it (`simulation.num_gpus`), numbered from 0."""
     device, gpus = config.train.device, config.simulation.num_gpus
-    if device.startswith("cuda") and gpus == 0:
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and gpus == 0:
         raise ConfigError(f"train.device = {device!r} but simulation.num_gpus = 0: Ray gives the clients no GPU; set "
                           "simulation.num_gpus (0.25 shares one GPU among 4 clients) or train.device = 'auto'")
-    index = device.partition(":")[2]
-    if device.startswith("cuda") and index.isdigit() and int(index) >= max(1, math.ceil(gpus)):
-        raise ConfigError(f"train.device = {device!r}: each client sees only the {max(1, math.ceil(gpus))} GPU(s) Ray "
-                          "assigns it, numbered from cuda:0; use 'cuda' or 'auto' (Ray spreads the clients over the GPUs)")
+    visible = max(1, math.ceil(gpus))  # a fractional share still sees its one GPU
+    if kind == "cuda" and index.isdigit() and int(index) >= visible:
+        raise ConfigError(f"train.device = {device!r}: each client sees only the {visible} GPU(s) Ray assigns it, "
+                          "numbered from cuda:0; use 'cuda' or 'auto' (Ray spreads the clients over the GPUs)")
     try:
         resolve_device(device)  # the server evaluates there too
     except DeviceError as error:
