@@ -135,6 +135,24 @@ def test_client_learning_rate_schedule_per_round_or_across_rounds(tmp_path, tiny
     assert side_job == pytest.approx([0.1, 0.05])  # k fine-tuning steps keep their own schedule
 
 
+def test_a_linear_server_lr_schedule_shrinks_the_server_step_round_by_round(tmp_path, tiny_base, keyword_data) -> None:
+    """FedAvgM without momentum steps x + server_lr x (mean - x); linear over 2 rounds: the full step, then half."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"name": "fedavgm", "num_rounds": 2, "server_lr": 1.0,
+                         "server_momentum": 0.0, "server_lr_schedule": "linear"}, partition={"local_test_fraction": 0.0})
+    recorder = simulate(config, keep_updates=True, verbose=False)
+    checkpoint = config.run_dir / "checkpoints"
+    x1, x2 = (load_file(str(checkpoint / f"round-00{r}" / "global.safetensors")) for r in (1, 2))
+
+    def mean(r: int, key: str) -> np.ndarray:
+        total = sum(n for n, _ in recorder.updates[r])
+        return sum(n * a[key].astype(np.float64) for n, a in recorder.updates[r]) / total
+
+    for key in x2:
+        np.testing.assert_allclose(x1[key], mean(1, key), atol=1e-6)
+        np.testing.assert_allclose(x2[key], x1[key] + 0.5 * (mean(2, key) - x1[key]), atol=1e-6)
+    assert any(np.abs(x2[k] - mean(2, k)).max() > 1e-4 for k in x2)  # half a step is not the plain average
+
+
 def test_logit_adjustment_keeps_a_one_label_client_from_biasing_the_head(tmp_path, tiny_base, keyword_data) -> None:
     bias_gap = {}
     for tau in (0.0, 1.0):
@@ -215,6 +233,9 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[train]\nlocal_steps = -1\n", "train.local_steps must be >= 0, got -1"),
     ("[train]\nlocal_epochs = 0.0\n", "train.local_epochs must be > 0 \\(or train.local_steps >= 1\\), got 0.0"),
     ("[strategy]\nserver_momentum = 1.0\n", "strategy.server_momentum must lie in \\[0, 1\\), got 1.0"),
+    ("[strategy]\nserver_lr_schedule = 'cosine'\n", "strategy.server_lr_schedule = 'cosine' is not one of constant, linear"),
+    ("[strategy]\nserver_lr_schedule = 'linear'\n",
+     "strategy.server_lr_schedule = 'linear' needs a server step, which strategy 'fedavg' has not: use one of"),
     ("[partition]\nmin_client_size = -1\n", "partition.min_client_size must be >= 0, got -1"),
     ("[simulation]\nray_num_cpus = -2\n", "simulation.ray_num_cpus must be >= 0, got -2"),
     ("[simulation]\nray_num_gpus = -5\n", "simulation.ray_num_gpus must be >= -1, got -5"),

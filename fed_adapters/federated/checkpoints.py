@@ -2,10 +2,10 @@
 
 `checkpoints/round-NNN/` holds what the round ended with: the global adapter as `save_adapter` writes it
 (loadable on its own), the exact arrays on the wire (`global.safetensors`), the server strategy's optimizer
-state (FedAdam/Yogi/Adagrad moments, FedAvgM momentum), the records so far, the server's RNG states, the DP
-accountant and, in simulation, a copy of the clients' private states. Each is written into a hidden
-temporary directory that is renamed into place only when complete, so a crash never leaves a half-written
-checkpoint that looks like a good one.
+state (FedAdam/Yogi/Adagrad moments, FedAvgM momentum; SCAFFOLD's ledger of accepted rounds), the records so
+far, the server's RNG states, the DP accountant and, in simulation, a copy of the clients' private states.
+Each is written into a hidden temporary directory that is renamed into place only when complete, so a crash
+never leaves a half-written checkpoint that looks like a good one.
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ def write(run_dir: Path, server_round: int, model: nn.Module, arrays: ArrayRecor
         ledger = getattr(strategy, "ledger", None)
         if ledger is not None:
             state["dp_accountant"] = ledger.state_dict()
+        accepted = getattr(_inner(strategy), "accepted_rounds", None)  # SCAFFOLD: whose updates counted, when
+        if accepted is not None:
+            state["scaffold_accepted_rounds"] = {str(client): round_ for client, round_ in accepted.items()}
     if private_dir is not None and private_dir.is_dir():
         shutil.copytree(private_dir, partial / CLIENTS)
     (partial / STATE).write_text(json.dumps(state) + "\n")
@@ -132,6 +135,8 @@ def restore(checkpoint: Checkpoint, strategy: Strategy | None, private_dir: Path
                     setattr(_inner(strategy), attribute, value)
         if "dp_accountant" in checkpoint.state and getattr(strategy, "ledger", None) is not None:
             strategy.ledger.load_state_dict(checkpoint.state["dp_accountant"])
+        if "scaffold_accepted_rounds" in checkpoint.state:
+            _inner(strategy).accepted_rounds = {int(c): r for c, r in checkpoint.state["scaffold_accepted_rounds"].items()}
     if private_dir is not None and checkpoint.private_states.is_dir():
         shutil.rmtree(private_dir, ignore_errors=True)
         shutil.copytree(checkpoint.private_states, private_dir)

@@ -30,7 +30,7 @@ from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, UNIFORM_WEIGHT_KEY, client_i
 from .head_calibration import feature_statistics
 from .node_worker import node_state_dir
 from .personalization import Fit, SharedWire, evaluate_client, train_client
-from .scaffold import train_with_controls
+from .scaffold import accepted_round, train_with_controls
 from .task import ClientSite, client_data, model_and_tokenizer
 
 Arrays = dict[str, np.ndarray]
@@ -65,11 +65,15 @@ def train_locally(arrays: Arrays, message_config: dict, node: dict, node_id: int
     config = run_config_from_record(message_config)
     model, tokenizer = model_and_tokenizer(config)
     site = client_site(node, node_id)
-    fit = local_fit(model, tokenizer, config, site, *_round_and_mu(message_config))
+    server_round, mu = _round_and_mu(message_config)
+    fit = local_fit(model, tokenizer, config, site, server_round, mu)
     setup = time.perf_counter() - started
     received = as_record(arrays)
-    train_round = train_with_controls if config.strategy.name == "scaffold" else train_client
-    sent, stats = train_round(model, config, received, site.store(config), site.client, fit)
+    if config.strategy.name == "scaffold":
+        sent, stats = train_with_controls(model, config, received, site.store(config), site.client, fit, server_round,
+                                          accepted_round(message_config, site.client))
+    else:
+        sent, stats = train_client(model, config, received, site.store(config), site.client, fit)
     metrics = dict(train_metrics(stats, len(client_data(config, site)[0])))
     # What a call costs before training (model, data; in a fresh process also the imports before it).
     metrics.update({"setup-seconds": setup, "process-age-seconds": process_age})

@@ -27,6 +27,10 @@ LR_SCHEDULES = ("per_round", "across_rounds")
 CALIBRATION_METHODS = ("none", "lda")
 # uniform: Flower's draw, independent every round; shuffled: every client once per pass over the clients.
 SAMPLINGS = ("uniform", "shuffled")
+SERVER_LR_SCHEDULES = ("constant", "linear")
+# Where each strategy keeps its server step (strategy.server_lr); only these can follow a server lr schedule.
+SERVER_STEP_ATTRIBUTES = {"fedavgm": "server_learning_rate", "fedadam": "eta", "fedyogi": "eta", "fedadagrad": "eta",
+                          "scaffold": "server_lr"}
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
               "scaffold")
 
@@ -155,6 +159,9 @@ class StrategySection:
     # Server-side step of FedAvgM / FedAdam / FedYogi / FedAdagrad; 0 = Flower's default for the strategy
     # (FedAvgM 1.0, FedAdam and FedAdagrad 0.1, FedYogi 0.01).
     server_lr: float = 0.0
+    # constant: the same server step every round; linear: round r of R steps server_lr x (R - r + 1) / R, large
+    # moves while the model is far off, small ones where late rounds' client mixes would swing it.
+    server_lr_schedule: str = "constant"
     server_momentum: float = 0.9  # FedAvgM
     tau: float = 1e-3  # FedAdam / FedYogi / FedAdagrad: adaptivity
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
@@ -166,6 +173,10 @@ class StrategySection:
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGIES)
         _choice("strategy.sampling", self.sampling, SAMPLINGS)
+        _choice("strategy.server_lr_schedule", self.server_lr_schedule, SERVER_LR_SCHEDULES)
+        if self.server_lr_schedule != "constant" and self.name not in SERVER_STEP_ATTRIBUTES:
+            raise ConfigError(f"strategy.server_lr_schedule = {self.server_lr_schedule!r} needs a server step, which "
+                              f"strategy {self.name!r} has not: use one of {sorted(SERVER_STEP_ATTRIBUTES)} or 'constant'")
         _at_least("strategy.num_rounds", self.num_rounds, 1)
         _at_least("strategy.min_train_clients", self.min_train_clients, 1)
         _at_least("strategy.min_evaluate_clients", self.min_evaluate_clients, 1)

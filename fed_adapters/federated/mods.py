@@ -27,6 +27,10 @@ CLIENT_ID_KEY = "client-id"
 CALIBRATE_ACTION = "calibrate"  # query action: class feature statistics for the server's head calibration
 # SCAFFOLD's control variates travel beside the adapter, named CONTROL_PREFIX + the tensor's wire name.
 CONTROL_PREFIX = "scaffold-control/"
+# SCAFFOLD's ledger, in every training message's config: the clients whose updates the server aggregated and,
+# for each, the last such round; a client keeps the c_i of an update only once the server lists it here.
+ACCEPTED_CLIENTS_KEY = "scaffold-accepted-clients"
+ACCEPTED_ROUNDS_KEY = "scaffold-accepted-rounds"
 NAMES_KEY = "tensor-names"  # SecAgg+ messages carry tensors as a list: their names travel in the fit config
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"

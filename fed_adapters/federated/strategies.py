@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .config import RunConfig
+from .config import SERVER_STEP_ATTRIBUTES, RunConfig
 from .mods import UNIFORM_WEIGHT_KEY
 from .privacy import clients_per_round, with_privacy
 from .validation import LOG, screen
@@ -51,9 +51,11 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, shuffled_per_round: int = 0,
-                     **kwargs) -> None:
+                     server_step_decay: tuple[str, int] | None = None, **kwargs) -> None:
             super().__init__(**kwargs)
             self.recorder = recorder
+            # (attribute holding the server step, rounds it decays linearly over); None: a constant step
+            self.server_step_decay = server_step_decay
             self.max_update_norm = max_update_norm
             self.seed = seed
             # > 0: training rounds take this many clients from passes over all clients (strategy.sampling)
@@ -118,8 +120,19 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
                             self.min_train_nodes)
                 self.recorder.note(skipped=1)
                 return None, None
-            arrays, metrics = super().aggregate_train(self.run_round(server_round), kept)
+            with overriding(self, **self.scheduled_server_step(self.run_round(server_round))):
+                arrays, metrics = super().aggregate_train(self.run_round(server_round), kept)
             return _like(arrays, self.global_arrays), metrics
+
+        def scheduled_server_step(self, run_round: int) -> dict[str, float]:
+            """This round's server step under strategy.server_lr_schedule = "linear" (nothing to override when constant)."""
+            if self.server_step_decay is None:
+                return {}
+            attribute, rounds = self.server_step_decay
+            step = {attribute: getattr(self, attribute) * max(rounds - run_round + 1, 1) / rounds}
+            if hasattr(self, "server_opt"):  # FedAvgM decided when built whether to step at all (not at lr 1, no momentum)
+                step["server_opt"] = True
+            return step
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
             grid = self.sampling(grid, self.run_round(server_round), self.fraction_evaluate, phase=1)
@@ -191,6 +204,7 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
         "scaffold": dict(num_clients=num_clients, server_lr=s.server_lr or 1.0),
     }
     shuffled_per_round = per_round if s.sampling == "shuffled" else 0
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round,
+    decay = (SERVER_STEP_ATTRIBUTES[s.name], s.num_rounds) if s.server_lr_schedule == "linear" else None
+    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round, decay,
                                                     **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
