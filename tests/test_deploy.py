@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -115,6 +116,47 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path, tiny_base, keyword
     load_adapter(load_model(str(tiny_base), num_labels=2), run_dir / "adapter")
     # The silos' data stayed on the nodes: the server's partition report knows only that nodes hold it.
     assert json.loads((run_dir / "partition.json").read_text()) == {"method": "nodes", "clients": []}
+
+
+@pytest.mark.integration
+def test_a_silo_that_leaves_mid_run_is_not_waited_for(tmp_path, tiny_base, keyword_data) -> None:
+    """Flower waits for every client before sampling, forever; after the first round fed_adapters samples whoever
+    is connected (at least min_train_clients), so the run finishes without the silo that left. A silo that never
+    comes ends the run after strategy.node_wait_timeout, with the counts."""
+    config = tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 3, "fraction_evaluate": 0.0,
+                         "min_train_clients": 2, "round_timeout": 60.0, "node_wait_timeout": 120.0})
+    work = tmp_path / "deployment"
+    silos = write_silo_data(config, 3, work / "silo-data")
+    deployed = deployment_config(config, 3, work)
+    run_config = work / "run_config.toml"
+    run_config.write_text(to_toml(deployed.to_dict()))
+    expecting_four = work / "expecting_four.toml"
+    impatient = dataclasses.replace(config, run_name="four", strategy=dataclasses.replace(config.strategy, node_wait_timeout=3.0))
+    expecting_four.write_text(to_toml(deployment_config(impatient, 4, work).to_dict()))
+    federation = LoopbackFederation(work, silos, port=_free_port(), insecure=True)
+    outcome: dict = {}
+    try:
+        federation.start()
+        with pytest.raises(ProcessError, match=r"round 1 \(training\): 3 node\(s\) connected after 3 s, 4 needed"):
+            federation.run(APP_DIR, expecting_four, timeout=300)
+        runner = threading.Thread(target=lambda: outcome.update(log=federation.run(APP_DIR, run_config, timeout=300)))
+        runner.start()
+        first_round = deployed.run_dir / "checkpoints" / "round-001"
+        deadline = time.monotonic() + 300
+        while not first_round.is_dir() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling for the round-1 checkpoint, the condition itself
+        assert first_round.is_dir(), "round 1 never completed"
+        leaving = dict(federation.processes.started)[silos[2].name]
+        leaving.terminate()  # the SuperNode signs off from the SuperLink as it stops
+        leaving.wait(timeout=60)
+        runner.join(timeout=320)
+        assert not runner.is_alive() and "log" in outcome, "the run did not finish without the silo that left"
+    finally:
+        federation.stop()
+    rounds = json.loads((deployed.run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[1]["clients_sampled"] == rounds[1]["clients_replied"] == 3
+    assert rounds[3]["clients_sampled"] == rounds[3]["clients_replied"] == 2  # the third silo was gone
 
 
 def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_path) -> None:

@@ -168,6 +168,9 @@ class StrategySection:
     krum_malicious: int = 0  # Krum / MultiKrum: assumed malicious clients
     krum_select: int = 0  # MultiKrum: updates averaged; 0 = the clients sampled per round minus krum_malicious
     round_timeout: float = 3600.0
+    # How long the server waits for enough connected nodes (every client before the first round, then
+    # min_train_clients; a node that died is not waited for) before it stops the run with an error.
+    node_wait_timeout: float = 600.0
     max_update_norm: float = 0.0  # reject client updates longer than this (L2, all shared tensors); 0 = no bound
 
     def __post_init__(self) -> None:
@@ -197,7 +200,8 @@ class StrategySection:
         for key, value in (("proximal_mu", self.proximal_mu), ("server_lr", self.server_lr)):
             if value < 0:
                 raise ConfigError(f"strategy.{key} must be >= 0, got {value}")
-        for key, value in (("tau", self.tau), ("round_timeout", self.round_timeout)):
+        for key, value in (("tau", self.tau), ("round_timeout", self.round_timeout),
+                           ("node_wait_timeout", self.node_wait_timeout)):
             if value <= 0:
                 raise ConfigError(f"strategy.{key} must be > 0, got {value}")
 

@@ -28,7 +28,7 @@ from ..training import resolve_device
 from .config import RunConfig
 from .mods import CALIBRATE_ACTION
 from .recording import tensor_bytes
-from .sampling import ClientOrderedGrid, identify_clients
+from .sampling import ClientOrderedGrid, NodesUnavailable, identify_clients
 
 STATISTICS = ("class-counts", "class-means", "within-scatter")
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "classifier.weight", HEAD_PREFIX + "classifier.bias"  # PooledClassifier's
@@ -102,7 +102,11 @@ def calibrate_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, message_c
     """The final `arrays` with an LDA head fitted on the sampled clients' statistics, and what it cost;
     (None, {"error": ...}) when the statistics cannot fit one (the run keeps its uncalibrated head)."""
     c = config.head_calibration
-    client_of = identify_clients(grid, num_clients) if c.fraction < 1.0 else {}
+    try:  # the nodes connected now: a silo that left during the run is not waited for
+        needed = min(num_clients, config.strategy.min_train_clients)
+        client_of = identify_clients(grid, needed, timeout=config.strategy.node_wait_timeout) if c.fraction < 1.0 else {}
+    except NodesUnavailable as error:
+        return None, {"method": c.method, "shrinkage": c.shrinkage, "error": str(error)}
     nodes = calibration_nodes(grid, c.fraction, config.seed, client_of)
     parts, record = collect_statistics(grid, nodes, arrays, message_config, config.strategy.round_timeout)
     record.update(method=c.method, shrinkage=c.shrinkage)

@@ -8,14 +8,31 @@ listing only the clients a schedule chose makes the strategy train exactly those
 from __future__ import annotations
 
 import random
+import time
 
 from flwr.app import Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from .mods import CLIENT_ID_KEY
 from .validation import LOG
+
+
+class NodesUnavailable(RuntimeError):
+    """Too few nodes are connected for the run to go on."""
+
+
+def wait_for_nodes(grid: Grid, required: int, timeout: float, waiting: str) -> list[int]:
+    """Every connected node, once at least `required` are (polled each second, as Flower's own sampling does).
+    Flower would wait forever, also for a node that has died; this stops after `timeout` seconds instead."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < required:
+        if time.monotonic() > deadline:
+            raise NodesUnavailable(
+                f"{waiting}: {len(nodes)} node(s) connected after {timeout:.0f} s, {required} needed "
+                "(strategy.node_wait_timeout); start the missing SuperNodes, or lower strategy.min_train_clients")
+        time.sleep(1.0)
+    return nodes
 
 
 class ClientOrderedGrid:
@@ -39,10 +56,12 @@ class ClientOrderedGrid:
 def identify_clients(grid: Grid, expected: int, known: dict[int, int] | None = None,
                      timeout: float = 600.0) -> dict[int, int]:
     """node id -> client id: `known` plus the answers of the connected nodes not in it (at the first call, once
-    `expected` nodes are connected). A node that fails to answer is asked again at the next call; until then it
-    is listed after the known ones and never chosen by shuffled passes (a warning says so)."""
+    `expected` nodes are connected; `timeout` bounds that wait and the answers). A node that fails to answer is
+    asked again at the next call; until then it is listed after the known ones and never chosen by shuffled
+    passes (a warning says so)."""
     known = known or {}
-    nodes = [node for node in grid.get_node_ids() if node not in known] if known else sample_nodes(grid, expected, expected)[0]
+    connected = grid.get_node_ids() if known else wait_for_nodes(grid, expected, timeout, "asking the nodes which client they serve")
+    nodes = [node for node in connected if node not in known]
     if not nodes:
         return known
     questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]

@@ -28,7 +28,7 @@ from .mods import UNIFORM_WEIGHT_KEY
 from .privacy import clients_per_round, with_privacy
 from .validation import LOG, screen
 from .recording import RoundRecorder
-from .sampling import ClientOrderedGrid, identify_clients, shuffled_participants
+from .sampling import ClientOrderedGrid, identify_clients, shuffled_participants, wait_for_nodes
 from .scaffold import Scaffold
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
@@ -51,8 +51,9 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, recorder: RoundRecorder, max_update_norm: float = 0.0, seed: int = 0, shuffled_per_round: int = 0,
-                     server_step_decay: tuple[str, int] | None = None, **kwargs) -> None:
+                     server_step_decay: tuple[str, int] | None = None, node_wait_timeout: float = 600.0, **kwargs) -> None:
             super().__init__(**kwargs)
+            self.node_wait_timeout = node_wait_timeout
             self.recorder = recorder
             # (attribute holding the server step, rounds it decays linearly over); None: a constant step
             self.server_step_decay = server_step_decay
@@ -85,7 +86,21 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             clients (seeds) must see the run's round."""
             return server_round + self.recorder.offset
 
+        def connected(self, grid: Grid, run_round: int, needed: int, phase: str) -> dict[str, int]:
+            """Waits for the nodes a round needs: every client before the run's first round, `needed` later. Returns
+            the override that lets Flower sample from whoever is connected: it would wait for every client, forever,
+            also for one whose node has died (deployed silos come and go)."""
+            first = run_round == self.recorder.offset + 1
+            nodes = wait_for_nodes(grid, self.min_available_nodes if first else needed, self.node_wait_timeout,
+                                   f"round {run_round} ({phase})")
+            return {"min_available_nodes": min(self.min_available_nodes, len(nodes))}
+
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+            with overriding(self, **self.connected(grid, self.run_round(server_round), self.min_train_nodes, "training")):
+                return self.configure_connected_train(server_round, arrays, config, grid)
+
+        def configure_connected_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                                      grid: Grid) -> list[Message]:
             self.global_arrays = arrays  # what every update is checked against
             run_round = self.run_round(server_round)
             grid = self.sampling(grid, run_round, self.fraction_train, phase=0)
@@ -98,8 +113,9 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             if shuffled:
                 grid = self.shuffled_round(grid, run_round)
                 # Flower trains `fraction_train` of the grid's nodes, waiting for `min_available_nodes`; for a
-                # grid that lists only the chosen clients, both must mean "all of them".
-                with overriding(self, fraction_train=1.0, min_available_nodes=0):
+                # grid that lists only the chosen clients (those still connected), both must mean "all of them".
+                with overriding(self, fraction_train=1.0, min_available_nodes=0,
+                                min_train_nodes=min(self.min_train_nodes, len(grid.get_node_ids()))):
                     messages = list(super().configure_train(run_round, arrays, config, grid))
             else:
                 messages = list(super().configure_train(run_round, arrays, config, grid))
@@ -135,8 +151,12 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             return step
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-            grid = self.sampling(grid, self.run_round(server_round), self.fraction_evaluate, phase=1)
-            messages = list(super().configure_evaluate(self.run_round(server_round), arrays, config, grid))
+            if self.fraction_evaluate == 0.0:
+                return []
+            run_round = self.run_round(server_round)
+            with overriding(self, **self.connected(grid, run_round, self.min_evaluate_nodes, "evaluation")):
+                grid = self.sampling(grid, run_round, self.fraction_evaluate, phase=1)
+                messages = list(super().configure_evaluate(run_round, arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="evaluate")
             return messages
 
@@ -206,5 +226,5 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
     shuffled_per_round = per_round if s.sampling == "shuffled" else 0
     decay = (SERVER_STEP_ATTRIBUTES[s.name], s.num_rounds) if s.server_lr_schedule == "linear" else None
     strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round, decay,
-                                                    **common, **specific.get(s.name, {}))
+                                                    s.node_wait_timeout, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
