@@ -30,7 +30,8 @@ def wait_for_nodes(grid: Grid, required: int, timeout: float, waiting: str) -> l
         if time.monotonic() > deadline:
             raise NodesUnavailable(
                 f"{waiting}: {len(nodes)} node(s) connected after {timeout:.0f} s, {required} needed "
-                "(strategy.node_wait_timeout); start the missing SuperNodes, or lower strategy.min_train_clients")
+                "(strategy.node_wait_timeout); start the missing SuperNodes, or lower what the run waits for: "
+                "partition.num_clients before the first round, strategy.min_train_clients after it")
         time.sleep(1.0)
     return nodes
 
