@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 from multiprocessing.connection import Client, Listener
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -160,7 +162,9 @@ def test_a_silo_that_leaves_mid_run_is_not_waited_for(tmp_path, tiny_base, keywo
     assert rounds[3]["clients_sampled"] == rounds[3]["clients_replied"] == 2  # the third silo was gone
 
 
-def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_path) -> None:
+def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
     node = {"data-path": str(tmp_path / "data.jsonl"), "state-dir": str(tmp_path / "state"), "client-id": "3"}
     files = node_worker.WorkerFiles(node)
     # A pid file left behind naming a process that is no worker: never taken for one (nor stopped as one).
@@ -176,6 +180,10 @@ def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_pa
     # A ClientApp that connects and goes away does not take the worker (and its cached base) down.
     node_worker._start(files, node, idle_seconds=60).close()  # hung up without a request
     pid = int(files.pid.read_text())
+    # Its socket is a file in a directory only this user may enter (an abstract socket would take anyone's call).
+    socket_file = Path(files.address)
+    assert stat.S_ISSOCK(socket_file.stat().st_mode) and socket_file.parent == tmp_path / "run" / f"fed_adapters-{os.getuid()}"
+    assert stat.S_IMODE(socket_file.parent.stat().st_mode) == 0o700
     with Client(files.address, family="AF_UNIX", authkey=files.authkey()) as connection:
         connection.send(("no-such-work", {}, {}, node, 0))
         status, payload = connection.recv()
@@ -185,7 +193,7 @@ def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_pa
     deadline = time.monotonic() + 30
     while node_worker.running_pids(files.directory) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not files.pid.exists()  # a stopped worker leaves no pid file
+    assert not files.pid.exists() and not socket_file.exists()  # a stopped worker leaves no pid file, no socket
 
     # A worker that dies while working: the ClientApp says so and where its log is, not a bare EOFError.
     listener = Listener(files.address, family="AF_UNIX", authkey=files.authkey())
@@ -198,6 +206,17 @@ def test_node_worker_survives_a_vanished_client_and_reports_its_own_death(tmp_pa
     threading.Thread(target=die_after_reading, daemon=True).start()
     with pytest.raises(RuntimeError, match=f"worker stopped while working on this message .*its log {files.log}"):
         node_worker.call("train", {}, {}, node, 0)
+
+
+def test_the_worker_socket_directory_must_be_private(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    shared = tmp_path / f"fed_adapters-{os.getuid()}"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # whatever the umask
+    with pytest.raises(RuntimeError, match="must be a directory owned by this user .* with mode 0700, but it is not; remove it"):
+        node_worker.private_socket_dir()
+    shared.rmdir()
+    assert node_worker.private_socket_dir() == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700
 
 
 def test_a_node_names_its_client_with_a_number() -> None:

@@ -2,9 +2,9 @@
 
 Flower 1.41 starts a fresh ClientApp process for every message, and offers no way to keep one alive, so a
 base built in the ClientApp would be rebuilt (imports included) for every message. The ClientApp
-process instead hands each message's work to this worker (`multiprocessing.connection` on an abstract
-Linux socket, authenticated with a key in the node's state directory that only the node's user can read),
-starting it on first use. A worker serves one state directory and one version of the app (the socket's
+process instead hands each message's work to this worker (`multiprocessing.connection` on a Unix socket in
+a directory only the node's user can enter, authenticated with a key in the node's state directory that only
+that user can read), starting it on first use. A worker serves one state directory and one version of the app (the socket's
 name hashes both, so a new run's code gets a new worker) and exits when its SuperNode is gone or after
 `worker-idle-seconds` (node config, default 900) without work. Its log is `worker-<tag>.log` in the state
 directory.
@@ -19,8 +19,10 @@ import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -59,11 +61,17 @@ class WorkerFiles:
         # One worker per node and app version; nodes may share a state directory (e.g. on one test machine).
         identity = f"{APP_ROOT}:{self.directory}:{node.get('data-path')}:{node.get('client-id')}"
         tag = hashlib.sha1(identity.encode()).hexdigest()[:16]
-        self.address = f"\0fed_adapters-{tag}"  # abstract socket: no file to go stale, no 108-byte path limit
+        self.tag = tag
         self.pid = self.directory / f"worker-{tag}.pid"
         self.log = self.directory / f"worker-{tag}.log"
         self.key = self.directory / "worker.key"
         self.lock = self.directory / "worker.lock"
+
+    @property
+    def address(self) -> str:
+        """The worker's socket. Not an abstract one: any local user can connect to those and, by never answering
+        the key challenge, hold up the worker. Not in the state directory: a socket path has 108 bytes at most."""
+        return str(private_socket_dir() / f"{self.tag}.sock")
 
     def authkey(self) -> bytes:
         """The node's shared secret; created readable by its owner only."""
@@ -73,6 +81,22 @@ class WorkerFiles:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(secrets.token_bytes(32))
         return self.key.read_bytes()
+
+
+def private_socket_dir() -> Path:
+    """`fed_adapters-<uid>/` in $XDG_RUNTIME_DIR (else the temp directory), made if need be, and refused unless
+    it is a real directory that only this user can enter."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"fed_adapters-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = base.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"{base} holds the node workers' sockets, so it must be a directory owned by this user "
+                           f"(uid {os.getuid()}) with mode 0700, but it is not; remove it (it is made afresh) or set "
+                           "XDG_RUNTIME_DIR to a private directory")
+    return base
 
 
 def running_pids(state_dir: str | Path) -> list[int]:
@@ -168,6 +192,8 @@ def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
     from .client_work import HANDLERS  # the heavy imports, once per worker
 
     files = WorkerFiles(node)
+    # A socket file left by a worker that was killed: it is started only when connecting failed (under the lock).
+    Path(files.address).unlink(missing_ok=True)
     listener = Listener(files.address, family="AF_UNIX", authkey=files.authkey())
     files.pid.write_text(str(os.getpid()))
     last_work, busy = [time.monotonic()], threading.Lock()
@@ -179,6 +205,7 @@ def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
             if not alive(watch_pid) or idle:
                 print(f"worker {os.getpid()} exits: {'idle' if idle else f'SuperNode {watch_pid} is gone'}", flush=True)
                 files.pid.unlink(missing_ok=True)
+                Path(files.address).unlink(missing_ok=True)
                 os._exit(0)
 
     threading.Thread(target=watchdog, daemon=True).start()
@@ -198,6 +225,7 @@ def serve(node: dict, watch_pid: int, idle_seconds: float) -> None:
                     print(f"lost a ClientApp connection: {type(error).__name__}: {error}", flush=True)
                 last_work[0] = time.monotonic()
     finally:
+        listener.close()  # removes the socket file
         files.pid.unlink(missing_ok=True)
 
 

@@ -151,10 +151,9 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
             return step
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-            if self.fraction_evaluate == 0.0:
-                return []
             run_round = self.run_round(server_round)
-            with overriding(self, **self.connected(grid, run_round, self.min_evaluate_nodes, "evaluation")):
+            asking = self.fraction_evaluate > 0.0  # evaluation off: no nodes to wait for
+            with overriding(self, **(self.connected(grid, run_round, self.min_evaluate_nodes, "evaluation") if asking else {})):
                 grid = self.sampling(grid, run_round, self.fraction_evaluate, phase=1)
                 messages = list(super().configure_evaluate(run_round, arrays, config, grid))
             self.recorder.sent(server_round, messages, phase="evaluate")
