@@ -82,7 +82,7 @@ class Scaffold(FedAvg):
             LOG.warning("round %d: left out the update(s) of node(s) %s, which have not said which client they serve: "
                         "SCAFFOLD could not tell them whether their update counted", server_round,
                         sorted(r.metadata.src_node_id for r in anonymous))
-            replies = [r for r in replies if r not in anonymous]
+            replies = [r for r in replies if r.has_error() or r.metadata.src_node_id in self.client_of]
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None:
             return None, metrics
