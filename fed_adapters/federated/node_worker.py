@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -60,14 +61,13 @@ class WorkerFiles:
         self.directory = Path(node_state_dir(node))
         # One worker per node and app version; nodes may share a state directory (e.g. on one test machine).
         identity = f"{APP_ROOT}:{self.directory}:{node.get('data-path')}:{node.get('client-id')}"
-        tag = hashlib.sha1(identity.encode()).hexdigest()[:16]
-        self.tag = tag
+        self.tag = tag = hashlib.sha1(identity.encode()).hexdigest()[:16]
         self.pid = self.directory / f"worker-{tag}.pid"
         self.log = self.directory / f"worker-{tag}.log"
         self.key = self.directory / "worker.key"
         self.lock = self.directory / "worker.lock"
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
         """The worker's socket. Not an abstract one: any local user can connect to those and, by never answering
         the key challenge, hold up the worker. Not in the state directory: a socket path has 108 bytes at most."""

@@ -77,11 +77,11 @@ class Scaffold(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        anonymous = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in self.client_of]
+        anonymous = sorted(r.metadata.src_node_id for r in replies
+                           if not r.has_error() and r.metadata.src_node_id not in self.client_of)
         if anonymous:
             LOG.warning("round %d: left out the update(s) of node(s) %s, which have not said which client they serve: "
-                        "SCAFFOLD could not tell them whether their update counted", server_round,
-                        sorted(r.metadata.src_node_id for r in anonymous))
+                        "SCAFFOLD could not tell them whether their update counted", server_round, anonymous)
             replies = [r for r in replies if r.has_error() or r.metadata.src_node_id in self.client_of]
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None:
