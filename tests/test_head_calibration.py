@@ -100,12 +100,44 @@ def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_feature
     assert calibration["loss"] != pytest.approx(records[-1]["loss"])  # the head did change
 
 
+def test_initial_head_is_the_lda_probe_of_the_initial_adapter_and_round_zero_evaluates_it(
+        tmp_path, tiny_base, keyword_data) -> None:
+    """LP-FT: before round 1 the head is fitted on every client's features under the initial adapter; the clients
+    train from it (round 1 differs from a run without it) and the round-0 record is that probe's accuracy."""
+    sections = dict(head_calibration={"method": "lda", "shrinkage": 0.2, "initial": True},
+                    strategy={"num_rounds": 1, "fraction_train": 1.0})
+    config = tiny_config(tmp_path, tiny_base, keyword_data, **sections)
+    records = simulate(config, verbose=False).records
+    initial = json.loads((config.run_dir / "metrics.json").read_text())["initial_head_calibration"]
+    every = list(range(len(shards(config))))
+    assert initial["clients"] == every and initial["examples"] == sum(len(shards(config)[c].train) for c in every)
+
+    model = build_adapted_model(config)  # the initial adapter, as seeded
+    parts = [feature_statistics(model, make_loader(client_data(config, ClientSite(c))[0], tokenizer(config.model.name), 64),
+                                2, "cpu") for c in every]
+    weight, bias = lda_head(*merge_statistics(parts), shrinkage=0.2)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(weight))
+        model.classifier.bias.copy_(torch.from_numpy(bias))
+    test_loader = make_loader(tokenized(config, task.test_data(config), (-1, "test")), tokenizer(config.model.name), 64)
+    probe = evaluate(model, test_loader, device="cpu")
+    assert records[0]["loss"] == pytest.approx(probe["loss"], rel=1e-5)
+    assert records[0]["accuracy"] == pytest.approx(probe["accuracy"])
+
+    seeded = tiny_config(tmp_path, tiny_base, keyword_data, run_name="seeded_head",
+                         head_calibration={"method": "lda", "shrinkage": 0.2}, strategy=sections["strategy"])
+    plain = simulate(seeded, verbose=False).records
+    assert plain[0]["loss"] != pytest.approx(records[0]["loss"]) and plain[1]["loss"] != pytest.approx(records[1]["loss"])
+    assert "initial_head_calibration" not in json.loads((seeded.run_dir / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize("sections, message", [
     (dict(head_calibration={"method": "svm"}), "head_calibration.method = 'svm' is not one of none, lda"),
     (dict(head_calibration={"fraction": 0.0}), r"head_calibration.fraction must lie in \(0, 1\]"),
     (dict(head_calibration={"method": "lda"}, model={"task": "causal_lm"}), "pooled-feature classifier"),
     (dict(head_calibration={"method": "lda"}, adapter={"train_head": False}), "adapter.train_head = true"),
     (dict(head_calibration={"method": "lda"}, privacy={"dp": "central"}), "in the clear"),
+    (dict(head_calibration={"initial": True}), "head_calibration.initial = true .* set head_calibration.method = 'lda'"),
 ])
 def test_head_calibration_config_errors(tmp_path, tiny_base, keyword_data, sections, message) -> None:
     with pytest.raises(ConfigError, match=message):

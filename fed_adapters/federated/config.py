@@ -305,14 +305,19 @@ class PrivacySection:
 @dataclass
 class HeadCalibrationSection:
     """After the last round, the server refits the task head from the clients' class feature statistics
-    (`head_calibration.py`): a remedy for a head biased by label skew."""
+    (`head_calibration.py`): a remedy for a head biased by label skew. `initial` also fits it before round 1,
+    on the frozen base's features: a linear probe that training then starts from (LP-FT; FedNCM's head init)."""
 
     method: str = "none"  # "lda": the shared-covariance Gaussian classifier on the pooled features
     fraction: float = 1.0  # of the clients asked for their statistics (a seeded draw)
     shrinkage: float = 0.1  # of the feature covariance toward a multiple of the identity, in [0, 1]
+    initial: bool = False  # also fit the head before round 1 (round 0's evaluation is then the linear probe's)
 
     def __post_init__(self) -> None:
         _choice("head_calibration.method", self.method, CALIBRATION_METHODS)
+        if self.initial and self.method == "none":
+            raise ConfigError("head_calibration.initial = true fits the head with head_calibration.method, which is "
+                              "'none'; set head_calibration.method = 'lda'")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"head_calibration.fraction must lie in (0, 1], got {self.fraction}")
         if not 0.0 <= self.shrinkage <= 1.0:

@@ -79,9 +79,10 @@ def _finite(value):
 
 def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: float, num_clients: int,
               wire_keys: dict[str, set[str]] | None = None, clients: dict | None = None,
-              calibration: dict | None = None) -> None:
+              calibration: dict | None = None, initial_calibration: dict | None = None) -> None:
     """metrics.json ({"run", "rounds", and when there is one "clients": the per-client summary,
-    "head_calibration": what calibrating the head after the last round cost and gave}), metrics.csv, accuracy.png."""
+    "head_calibration": what calibrating the head after the last round cost and gave, "initial_head_calibration":
+    what fitting it before round 1 cost}), metrics.csv, accuracy.png."""
     metadata = {
         "run_name": config.run_name,
         "strategy": config.strategy.name,
@@ -98,7 +99,8 @@ def write_run(run_dir: Path, config: RunConfig, records: list[dict], seconds: fl
         metadata["tensors_down"] = sorted(wire_keys["down"])
         metadata["tensors_up"] = sorted(wire_keys["up"])
     payload = {"run": metadata, "rounds": records, **({"clients": clients} if clients else {}),
-               **({"head_calibration": calibration} if calibration else {})}
+               **({"head_calibration": calibration} if calibration else {}),
+               **({"initial_head_calibration": initial_calibration} if initial_calibration else {})}
     # Strict JSON: a value that does not exist (a round every client failed has no train loss) is null, not NaN.
     (run_dir / "metrics.json").write_text(json.dumps(_finite(payload), indent=2, allow_nan=False) + "\n")
     present = list(dict.fromkeys(key for record in records for key in record))

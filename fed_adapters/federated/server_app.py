@@ -21,6 +21,7 @@ from .mods import ROUND_OFFSET_KEY, RUN_CONFIG_KEY, split_controls
 from .config import RunConfig, run_config_from_flat
 from .head_calibration import calibrate_head, format_calibration
 from .recording import RoundRecorder, global_metrics
+from .sampling import wait_for_nodes
 from .secure_aggregation import run_secure_rounds
 from .strategies import make_strategy
 from .partition import format_summary, summarize, write_summary
@@ -86,6 +87,10 @@ def run_federation(
     run_config = ConfigRecord({RUN_CONFIG_KEY: json.dumps(config.to_dict()), ROUND_OFFSET_KEY: offset})
     started = time.perf_counter()
     initial = checkpoint.arrays if checkpoint else wire.pack(model)
+    initial_calibration = None
+    if config.head_calibration.initial and not checkpoint:  # a resumed run's head was fitted and trained on already
+        initial, initial_calibration = _initial_head(grid, config, initial, run_config, num_clients, verbose)
+        wire.load(model, initial)
     if config.privacy.secure_aggregation:
         final_arrays = run_secure_rounds(grid, config, initial, run_config, num_clients, recorder, evaluate_global, done)
     else:
@@ -113,7 +118,7 @@ def run_federation(
         client_report.write_report(run_dir, recorder.clients, f"{config.run_name}: {config.personalization.mode}")
     summary = client_report.summarize(recorder.clients) if recorder.clients else None
     results.write_run(run_dir, config, recorder.records, earlier_seconds + time.perf_counter() - started, num_clients,
-                      recorder.wire_keys, summary, calibration)
+                      recorder.wire_keys, summary, calibration, initial_calibration)
     if verbose:
         print(results.format_rounds(recorder.records), flush=True)
         if calibration:
@@ -122,6 +127,20 @@ def run_federation(
             print(client_report.format_summary(summary), flush=True)
         print(f"results in {run_dir}", flush=True)
     return recorder
+
+
+def _initial_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, run_config: ConfigRecord, num_clients: int,
+                  verbose: bool) -> tuple[ArrayRecord, dict]:
+    """`arrays` with the head fitted on the initial adapter's features (every client connected first, as round 1
+    waits for them), and what that cost; unchanged arrays and the reason when the statistics cannot fit a head."""
+    wait_for_nodes(grid, num_clients, config.strategy.node_wait_timeout, "fitting the initial head")
+    fitted, record = calibrate_head(grid, config, arrays, run_config, num_clients)
+    if verbose:
+        print(f"initial head ({config.head_calibration.method}): " + (
+            f"skipped: {record['error']}; round 1 starts from the seeded head" if fitted is None else
+            f"fitted from {record['clients_replied']} of {record['clients_sampled']} clients, {record['examples']:,} "
+            "examples (round 0 evaluates it)"), flush=True)
+    return (arrays, record) if fitted is None else (fitted, record)
 
 
 def _partition_report(config: RunConfig, run_dir, verbose: bool) -> int:
