@@ -99,8 +99,9 @@ def lda_head(counts: np.ndarray, means: np.ndarray, covariance: np.ndarray, shri
 
 def calibrate_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, message_config: ConfigRecord,
                    num_clients: int) -> tuple[ArrayRecord | None, dict]:
-    """The final `arrays` with an LDA head fitted on the sampled clients' statistics, and what it cost;
-    (None, {"error": ...}) when the statistics cannot fit one (the run keeps its uncalibrated head)."""
+    """`arrays` (the final ones, or the initial ones for `head_calibration.initial`) with an LDA head fitted on the
+    sampled clients' statistics under them, and what it cost; (None, {"error": ...}) when the statistics cannot
+    fit one (the run keeps the head it has)."""
     c = config.head_calibration
     try:  # the nodes connected now: a silo that left during the run is not waited for
         needed = min(num_clients, config.strategy.min_train_clients)

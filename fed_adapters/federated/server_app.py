@@ -90,7 +90,6 @@ def run_federation(
     initial_calibration = None
     if config.head_calibration.initial and not checkpoint:  # a resumed run's head was fitted and trained on already
         initial, initial_calibration = _initial_head(grid, config, initial, run_config, num_clients, verbose)
-        wire.load(model, initial)
     if config.privacy.secure_aggregation:
         final_arrays = run_secure_rounds(grid, config, initial, run_config, num_clients, recorder, evaluate_global, done)
     else:

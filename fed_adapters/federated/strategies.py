@@ -224,6 +224,7 @@ def make_strategy(config: RunConfig, num_clients: int, recorder: RoundRecorder) 
     }
     shuffled_per_round = per_round if s.sampling == "shuffled" else 0
     decay = (SERVER_STEP_ATTRIBUTES[s.name], s.num_rounds) if s.server_lr_schedule == "linear" else None
-    strategy = _recording(STRATEGY_CLASSES[s.name])(recorder, s.max_update_norm, config.seed, shuffled_per_round, decay,
-                                                    s.node_wait_timeout, **common, **specific.get(s.name, {}))
+    strategy = _recording(STRATEGY_CLASSES[s.name])(
+        recorder, max_update_norm=s.max_update_norm, seed=config.seed, shuffled_per_round=shuffled_per_round,
+        server_step_decay=decay, node_wait_timeout=s.node_wait_timeout, **common, **specific.get(s.name, {}))
     return with_privacy(strategy, config, num_clients, recorder)
