@@ -69,6 +69,10 @@ class Optimization:
     # single lr either overshoots the head or starves the adapters.
     head_lr: float = 0.0
     optimizer: str = "adamw"
+    # AdamW's epsilon: gradients far below it get SGD-sized steps (lr / epsilon x gradient) instead of full
+    # normalised ones. torch's 1e-8 turns even a ~0 gradient (a one-label client under logit adjustment) into a
+    # step of size lr; SGD ignores it.
+    adam_epsilon: float = 1e-8
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -84,6 +88,8 @@ class Optimization:
             raise ValueError(f"head_lr must be >= 0 (0 = the same as lr), got {self.head_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.adam_epsilon <= 0:  # 0 divides by zero for a parameter whose gradient is still 0
+            raise ValueError(f"adam_epsilon must be > 0 (torch's default is 1e-8), got {self.adam_epsilon}")
         if self.max_grad_norm < 0:  # a negative norm flips the gradient: training would ascend
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -95,8 +101,9 @@ class Optimization:
 
     def train_kwargs(self) -> dict:
         """The keyword arguments of `train` that this table sets."""
-        return dict(lr=self.lr, head_lr=self.head_lr or None, optimizer=self.optimizer, weight_decay=self.weight_decay,
-                    warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, device=self.device, amp=self.amp)
+        return dict(lr=self.lr, head_lr=self.head_lr or None, optimizer=self.optimizer, adam_epsilon=self.adam_epsilon,
+                    weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm,
+                    device=self.device, amp=self.amp)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ def train(
     lr: float = 1e-3,
     head_lr: float | None = None,
     optimizer: str = "adamw",
+    adam_epsilon: float = 1e-8,
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
     max_grad_norm: float | None = 1.0,
@@ -151,7 +159,8 @@ def train(
 
     SGD's step shrinks with the gradient, so a client whose data the model already fits (a one-label client
     once it predicts that label) stops moving; AdamW's normalised step keeps its size, which under label skew
-    turns every such client into a full-sized push toward its label.
+    turns every such client into a full-sized push toward its label — unless `adam_epsilon` lies well above
+    such a client's gradients, which then get SGD-sized steps.
     """
     device = resolve_device(device)
     model.to(device).train()
@@ -166,7 +175,7 @@ def train(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     parameters = _parameter_groups(model, named, head_lr)
-    step_rule = (torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+    step_rule = (torch.optim.AdamW(parameters, lr=lr, eps=adam_epsilon, weight_decay=weight_decay) if optimizer == "adamw"
                  else torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay))
     if optimizer_state:
         _load_optimizer_state(step_rule, named, optimizer_state)

@@ -108,6 +108,25 @@ def test_sgd_steps_are_the_learning_rate_times_the_gradient() -> None:
         train(model, [batch], max_steps=1, optimizer="lion", device="cpu")
 
 
+def test_adam_epsilon_shrinks_adamws_first_step_for_small_gradients() -> None:
+    """AdamW's first step is lr * g / (|g| + eps) per element: a full lr-sized step for any g >> eps."""
+    from fed_adapters.training import Optimization
+
+    batch = next(iter(DataLoader(_keyword_task(8, 0), batch_size=8)))
+    for epsilon in (1e-8, 1.0):
+        seed_everything(0)
+        model = tiny_model("bert", num_labels=2)
+        freeze_base(model, train_head=True)
+        disable_dropout(model)
+        model(**batch).loss.backward()
+        gradient = model.classifier.bias.grad.clone()
+        expected = model.classifier.bias.detach() - 0.1 * gradient / (gradient.abs() + epsilon)
+        settings = Optimization(lr=0.1, adam_epsilon=epsilon, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=0.0, device="cpu")
+        train(model, [batch], max_steps=1, **settings.train_kwargs())
+        assert torch.allclose(model.classifier.bias.detach(), expected, atol=1e-6), epsilon
+    assert float(gradient.abs().max()) < 0.5  # so that epsilon 1 made the step several times smaller than lr
+
+
 def test_head_lr_gives_the_head_its_own_sgd_step() -> None:
     model = tiny_model("bert", num_labels=2)
     add_adapter(model, AdapterConfig(bottleneck_size=4))
@@ -170,6 +189,7 @@ def test_training_settings_that_would_train_wrongly_are_refused() -> None:
 
     for settings, message in (({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
                               ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+                              ({"adam_epsilon": 0.0}, "adam_epsilon must be > 0"),
                               ({"warmup_ratio": 1.5}, "warmup_ratio must lie in \\[0, 1\\]")):
         with pytest.raises(ValueError, match=message):
             Optimization(**settings)
