@@ -32,6 +32,19 @@ def _statistics(x: np.ndarray, y: np.ndarray, num_labels: int) -> dict[str, np.n
     return dict(zip(STATISTICS, (counts, means, centred.T @ centred)))
 
 
+def _hand_fitted_head(model: torch.nn.Module, config, clients: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The LDA head (shrinkage 0.2) on `clients`' training splits under `model`, computed here, not by the server."""
+    parts = [feature_statistics(model, make_loader(client_data(config, ClientSite(c))[0], tokenizer(config.model.name), 64),
+                                2, "cpu") for c in clients]
+    return lda_head(*merge_statistics(parts), shrinkage=0.2)
+
+
+def _held_out_metrics(model: torch.nn.Module, config) -> dict:
+    """`model` on the run's held-out split, as the server evaluates it."""
+    test_loader = make_loader(tokenized(config, task.test_data(config), (-1, "test")), tokenizer(config.model.name), 64)
+    return evaluate(model, test_loader, device="cpu")
+
+
 def test_merged_statistics_equal_those_of_all_examples_together() -> None:
     """Parts with different label mixes (one holds a single label) merge to the pooled statistics exactly."""
     rng = np.random.default_rng(0)
@@ -81,11 +94,7 @@ def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_feature
     # Recompute by hand: the final round's adapter (checkpoint) on those clients' training splits, merged, LDA.
     model = build_adapted_model(config)
     load_adapter(model, config.run_dir / "checkpoints" / f"round-{config.strategy.num_rounds:03d}")
-    parts = []
-    for client in asked:
-        train_set, _ = client_data(config, ClientSite(client))
-        parts.append(feature_statistics(model, make_loader(train_set, tokenizer(config.model.name), 64), labels, "cpu"))
-    weight, bias = lda_head(*merge_statistics(parts), shrinkage=0.2)
+    weight, bias = _hand_fitted_head(model, config, asked)
     saved = build_adapted_model(config)
     load_adapter(saved, config.run_dir / "adapter")
     torch.testing.assert_close(saved.classifier.weight, torch.from_numpy(weight).float(), atol=1e-4, rtol=1e-4)
@@ -94,8 +103,7 @@ def test_calibrated_federation_saves_the_lda_head_of_the_sampled_clients_feature
     for name, value in model.state_dict().items():
         if "classifier" not in name:
             torch.testing.assert_close(saved.state_dict()[name], value)
-    test_loader = make_loader(tokenized(config, task.test_data(config), (-1, "test")), tokenizer(config.model.name), 64)
-    after = evaluate(saved, test_loader, device="cpu")
+    after = _held_out_metrics(saved, config)
     assert calibration["accuracy"] == pytest.approx(after["accuracy"]) and calibration["loss"] == pytest.approx(after["loss"])
     assert calibration["loss"] != pytest.approx(records[-1]["loss"])  # the head did change
 
@@ -113,14 +121,11 @@ def test_initial_head_is_the_lda_probe_of_the_initial_adapter_and_round_zero_eva
     assert initial["clients"] == every and initial["examples"] == sum(len(shards(config)[c].train) for c in every)
 
     model = build_adapted_model(config)  # the initial adapter, as seeded
-    parts = [feature_statistics(model, make_loader(client_data(config, ClientSite(c))[0], tokenizer(config.model.name), 64),
-                                2, "cpu") for c in every]
-    weight, bias = lda_head(*merge_statistics(parts), shrinkage=0.2)
+    weight, bias = _hand_fitted_head(model, config, every)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(weight))
         model.classifier.bias.copy_(torch.from_numpy(bias))
-    test_loader = make_loader(tokenized(config, task.test_data(config), (-1, "test")), tokenizer(config.model.name), 64)
-    probe = evaluate(model, test_loader, device="cpu")
+    probe = _held_out_metrics(model, config)
     assert records[0]["loss"] == pytest.approx(probe["loss"], rel=1e-5)
     assert records[0]["accuracy"] == pytest.approx(probe["accuracy"])
 

@@ -134,12 +134,14 @@ def _initial_head(grid: Grid, config: RunConfig, arrays: ArrayRecord, run_config
     waits for them), and what that cost; unchanged arrays and the reason when the statistics cannot fit a head."""
     wait_for_nodes(grid, num_clients, config.strategy.node_wait_timeout, "fitting the initial head")
     fitted, record = calibrate_head(grid, config, arrays, run_config, num_clients)
+    if fitted is None:
+        outcome, fitted = f"skipped: {record['error']}; round 1 starts from the seeded head", arrays
+    else:
+        outcome = (f"fitted from {record['clients_replied']} of {record['clients_sampled']} clients, "
+                   f"{record['examples']:,} examples (round 0 evaluates it)")
     if verbose:
-        print(f"initial head ({config.head_calibration.method}): " + (
-            f"skipped: {record['error']}; round 1 starts from the seeded head" if fitted is None else
-            f"fitted from {record['clients_replied']} of {record['clients_sampled']} clients, {record['examples']:,} "
-            "examples (round 0 evaluates it)"), flush=True)
-    return (arrays, record) if fitted is None else (fitted, record)
+        print(f"initial head ({config.head_calibration.method}): {outcome}", flush=True)
+    return fitted, record
 
 
 def _partition_report(config: RunConfig, run_dir, verbose: bool) -> int:
