@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from conftest import recorded_learning_rates, tiny_config
 
 from fed_adapters.configuration import ConfigError
 from fed_adapters.federated.config import RunConfig, load_run_config, run_config_from_flat
-from fed_adapters.federated.simulation import backend_config, check_client_device, simulate
+from fed_adapters.federated import simulation
+from fed_adapters.federated.simulation import SimulationStopped, backend_config, check_client_device, simulate
 from fed_adapters.federated.client_work import local_fit
 from fed_adapters.federated.sampling import shuffled_participants
 from fed_adapters.federated.task import ClientSite, build_adapted_model, model_and_tokenizer, tokenizer
@@ -97,6 +99,36 @@ def test_ray_spreads_clients_over_gpus(tmp_path, tiny_base, keyword_data) -> Non
     }
     records = simulate(config, verbose=False).records
     assert records[1]["clients_replied"] == 4 and records[1]["client_gpus"] == [0, 1]
+
+
+@pytest.mark.parametrize("resources, message", [
+    ({"num_gpus": 0.5, "ray_num_gpus": 0}, "simulation.num_gpus = 0.5 per client, but Ray has 0 GPU\\(s\\) "
+                                           "\\(simulation.ray_num_gpus\\), so no client could start; set simulation.num_gpus = 0"),
+    ({"num_gpus": 2.0, "ray_num_gpus": 1}, "simulation.num_gpus = 2 per client, but Ray has 1 GPU\\(s\\)"),
+    ({"num_cpus": 3, "ray_num_cpus": 2}, "simulation.num_cpus = 3 per client, but Ray has 2 CPU\\(s\\) "
+                                         "\\(simulation.ray_num_cpus\\), so no client could start; lower simulation.num_cpus"),
+])
+def test_client_resources_no_actor_fits_are_refused_before_ray_starts(tmp_path, tiny_base, keyword_data, resources,
+                                                                      message) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data, simulation=resources)
+    with pytest.raises(ConfigError, match=message):
+        simulate(config, verbose=False)
+    assert not config.run_dir.exists()
+
+
+def test_a_crashed_simulation_runtime_ends_the_server_thread_too(tmp_path, tiny_base, keyword_data, monkeypatch) -> None:
+    """Flower raises in the main thread when its runtime fails (here: no Ray actor fits, with the check that
+    refuses such resources switched off) but leaves the ServerApp thread waiting for replies; ours must stop."""
+    monkeypatch.setattr(simulation, "check_client_resources", lambda config: None)
+    config = tiny_config(tmp_path, tiny_base, keyword_data, simulation={"num_gpus": 1.0, "ray_num_gpus": 0},
+                         strategy={"round_timeout": 300.0, "node_wait_timeout": 300.0})
+    with pytest.raises(SimulationStopped, match="Simulation Runtime stopped: ValueError: ActorPool is empty"):
+        simulate(config, verbose=False)
+    server_threads = [t for t in threading.enumerate() if "server_th_with_start_checks" in t.name]
+    assert server_threads  # Flower's ServerApp thread, found by its target's name
+    for thread in server_threads:
+        thread.join(timeout=60)  # round_timeout (300 s) is what it would wait without the guard
+        assert not thread.is_alive()
 
 
 def test_fractional_gpus_and_defaults_in_backend_config(tmp_path, tiny_base, keyword_data) -> None:
@@ -239,6 +271,7 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[partition]\nmin_client_size = -1\n", "partition.min_client_size must be >= 0, got -1"),
     ("[simulation]\nray_num_cpus = -2\n", "simulation.ray_num_cpus must be >= 0, got -2"),
     ("[simulation]\nray_num_gpus = -5\n", "simulation.ray_num_gpus must be >= -1, got -5"),
+    ("[simulation]\nnum_gpus = 1.5\n", "simulation.num_gpus = 1.5 per client: Ray shares a GPU only in fractions of one"),
     ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",
      "SecAgg\\+ workflow, which draws each round's clients itself; strategy.sampling = 'shuffled'"),
 ])

@@ -336,6 +336,9 @@ class SimulationSection:
             raise ConfigError(f"simulation.num_cpus must be > 0, got {self.num_cpus}")
         if self.num_gpus < 0:
             raise ConfigError(f"simulation.num_gpus must be >= 0, got {self.num_gpus}")
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ConfigError(f"simulation.num_gpus = {self.num_gpus} per client: Ray shares a GPU only in fractions "
+                              "of one, so above 1 it must be a whole number (e.g. 0.5 or 2)")
         _at_least("simulation.ray_num_cpus", self.ray_num_cpus, 0)
         _at_least("simulation.ray_num_gpus", self.ray_num_gpus, -1)
 

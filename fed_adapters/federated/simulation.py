@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
+import torch
 from torch import nn
 
 from ..configuration import ConfigError
@@ -34,14 +38,43 @@ from .strategies import make_strategy
 from .task import build_adapted_model, shards, test_data, training_data
 
 
+class SimulationStopped(RuntimeError):
+    """Flower's Simulation Runtime ended before the federation did."""
+
+
 def backend_config(config: RunConfig) -> dict:
     """Ray resources: per-client actor resources, and what the Ray cluster may use in all."""
     s = config.simulation
     # No dashboard: it costs a process and seconds of start-up, and a simulation never serves it.
-    init_args: dict = {"num_cpus": s.ray_num_cpus or os.cpu_count() or 1, "include_dashboard": False}
+    init_args: dict = {"num_cpus": ray_cpus(config), "include_dashboard": False}
     if s.ray_num_gpus >= 0:
         init_args["num_gpus"] = s.ray_num_gpus
     return {"client_resources": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, "init_args": init_args}
+
+
+def ray_cpus(config: RunConfig) -> int:
+    return config.simulation.ray_num_cpus or os.cpu_count() or 1
+
+
+def check_client_resources(config: RunConfig) -> None:
+    """At least one client's actor must fit in the Ray cluster: otherwise Flower stops with "ActorPool is empty"
+    only after Ray has started, and its ServerApp thread keeps the process alive (see `_RuntimeWatchedGrid`)."""
+    s = config.simulation
+    cpus = ray_cpus(config)
+    if s.num_cpus > cpus:
+        raise ConfigError(f"simulation.num_cpus = {s.num_cpus:g} per client, but Ray has {cpus} CPU(s) "
+                          f"({'simulation.ray_num_cpus' if s.ray_num_cpus else 'every core of this machine'}), so no "
+                          "client could start; lower simulation.num_cpus (1 runs one client per core)")
+    if s.num_gpus == 0:
+        return
+    # Without ray_num_gpus Ray counts the GPUs CUDA shows (CUDA_VISIBLE_DEVICES); torch sees the same ones, and a
+    # GPU torch cannot use would not train the clients anyway.
+    gpus, source = ((s.ray_num_gpus, "simulation.ray_num_gpus") if s.ray_num_gpus >= 0 else
+                    (torch.cuda.device_count(), "the CUDA GPUs torch sees on this machine"))
+    if s.num_gpus > gpus:
+        raise ConfigError(f"simulation.num_gpus = {s.num_gpus:g} per client, but Ray has {gpus} GPU(s) ({source}), "
+                          "so no client could start; set simulation.num_gpus = 0 to train the clients on CPUs"
+                          + (", or at most the GPUs there are" if gpus else ""))
 
 
 def check_client_device(config: RunConfig) -> None:
@@ -74,6 +107,7 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
             f"clients train on. Give a folder holding {config.data.train_split}.jsonl and {config.data.test_split}.jsonl "
             "(or .csv / .parquet; data.train_split / data.test_split name them)")
     check_client_device(config)
+    check_client_resources(config)
     client_shards = shards(config)
     for dataset in (training_data(config), test_data(config)):
         check_columns(dataset, columns, need_label=classification)
@@ -122,14 +156,63 @@ def simulate(
     num_clients, model = preflight(config)  # bad input fails here, before the run directory is touched and Ray starts
     outcome: list[RoundRecorder] = []
     server_app = ServerApp()
+    runtime_stopped = threading.Event()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        outcome.append(run_federation(grid, config, verbose=verbose, overwrite=True, keep_updates=keep_updates,
-                                      wire=wire, resume=resume, model=model))
+        outcome.append(run_federation(_RuntimeWatchedGrid(grid, runtime_stopped), config, verbose=verbose,
+                                      overwrite=True, keep_updates=keep_updates, wire=wire, resume=resume, model=model))
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend_config(config))
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                       backend_config=backend_config(config))
+    except RuntimeError as error:
+        cause = error
+        while cause.__cause__ is not None:  # Flower wraps the runtime's error twice
+            cause = cause.__cause__
+        raise SimulationStopped(f"Flower's Simulation Runtime stopped: {type(cause).__name__}: {cause} (run directory "
+                                f"{config.run_dir}; a run with checkpoints continues with --resume RUN_DIR)") from error
+    finally:
+        runtime_stopped.set()  # whatever ended the runtime (an error, Ctrl-C) ends the ServerApp thread too
     if not outcome:
         raise RuntimeError(f"the simulation ended without results; see the log above (run directory {config.run_dir})")
     return outcome[0]
+
+
+class _RuntimeWatchedGrid:
+    """The simulation's Grid, failing at once when Flower's Simulation Runtime has stopped.
+
+    Flower runs the ServerApp in a thread of its own; when the runtime fails (e.g. Ray cannot start an actor), it
+    raises in the main thread but never tells that thread, which would wait for replies for `round_timeout`
+    (an hour by default) and keep the process from exiting. So the replies are pulled here, watching for that.
+    """
+
+    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
+        self._grid = grid
+        self._stopped = stopped
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise SimulationStopped("Flower's Simulation Runtime stopped; the ServerApp stops with it")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self._grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """As Flower's `InMemoryGrid.send_and_receive`: every reply that arrives within `timeout`."""
+        self._check()
+        waiting = set(self._grid.push_messages(messages))
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and time.monotonic() < deadline:
+            self._check()
+            arrived = list(self._grid.pull_messages(waiting))
+            replies += arrived
+            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if waiting:
+                time.sleep(self._grid.pull_interval)
+        return replies
+
+    def __getattr__(self, name: str):  # run, push_messages, pull_messages, create_message, ...
+        return getattr(self._grid, name)
