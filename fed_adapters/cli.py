@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from .adapters import AdapterConfigError, AdapterStateError
 from .deploy.certs import CertificateError
@@ -21,24 +23,43 @@ from .data import DataError
 from .modeling import ModelConfigError
 from .training import DeviceError
 
+if TYPE_CHECKING:
+    from .federated.config import RunConfig
+
 USER_ERRORS = (ConfigError, AdapterConfigError, AdapterStateError, DataError, ModelConfigError, FileNotFoundError,
                FileExistsError, CertificateError, ProcessError, DeviceError)
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from .federated.config import load_run_config, load_run_dir_config
-    from .federated.simulation import simulate
 
     if args.resume:
         if args.config or args.overrides or args.overwrite:
             raise ConfigError("--resume RUN_DIR continues a run with the config it was started with; "
                               "give no CONFIG, --set or --overwrite with it")
-        simulate(load_run_dir_config(args.resume), flower_logs=args.flower_logs, resume=True)
-        return 0
+        return _simulate_until_interrupted(load_run_dir_config(args.resume), flower_logs=args.flower_logs, resume=True)
     if not args.config:
         raise ConfigError("give a CONFIG.toml to run, or --resume RUN_DIR to continue an interrupted run")
     config = load_run_config(args.config, args.overrides)
-    simulate(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
+    return _simulate_until_interrupted(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
+
+
+def _simulate_until_interrupted(config: RunConfig, **options) -> int:
+    """`simulate`, where Ctrl-C ends the process at once and says how to go on. Flower's Simulation Runtime
+    leaves a worker thread blocked on a Ray actor that the interrupt killed, and Python would wait for it
+    forever before exiting. Checkpoints are renamed into place only when whole, so no round is half-kept."""
+    from .federated.checkpoints import latest
+    from .federated.simulation import simulate
+
+    try:
+        simulate(config, **options)
+    except KeyboardInterrupt:
+        done = latest(config.run_dir) if config.run_dir.is_dir() else None
+        hint = (f"{config.run_dir} keeps the checkpoint of round {done.round}: continue with "
+                f"`fed-adapters simulate --resume {config.run_dir}`" if done else "no round had completed, nothing to resume")
+        sys.stdout.flush()
+        print(f"\nfed-adapters: interrupted; {hint}", file=sys.stderr, flush=True)
+        os._exit(130)  # 128 + SIGINT, as a shell reports it
     return 0
 
 

@@ -336,6 +336,41 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     assert finished["run"]["seconds"] >= latest(run_dir).state["seconds"] > 0
 
 
+def test_sigint_mid_run_ends_the_process_and_the_run_resumes(tmp_path, tiny_base, keyword_data, capsys) -> None:
+    """SIGINT to the simulation's own process (`kill -INT`, a scheduler; a terminal's Ctrl-C also reaches Ray's
+    workers): it exits with 130 and says how to go on, instead of waiting forever on a Flower runtime thread
+    blocked on an actor that died with it; `--resume` then finishes the run."""
+    # Long local training, so that the interrupt lands while the clients train (a reply in flight).
+    config = tiny_config(tmp_path, tiny_base, keyword_data, run_name="interrupted", strategy={"num_rounds": 3},
+                         train={"local_epochs": 40})
+    config_path = tmp_path / "interrupted.toml"
+    config_path.write_text(config.to_toml())
+    run_dir, log_path = config.run_dir, tmp_path / "interrupted.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "fed_adapters.cli", "simulate", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    victims: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-001" / "server_state.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        victims = descendants(process.pid)
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    finally:
+        for pid in [process.pid, *victims]:  # whatever the interrupt left behind, should the test fail
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+    done = latest(run_dir).round
+    assert 1 <= done < 3 and not (run_dir / "metrics.json").exists()
+    assert (f"fed-adapters: interrupted; {run_dir} keeps the checkpoint of round {done}: continue with "
+            f"`fed-adapters simulate --resume {run_dir}`") in log_path.read_text()
+    assert cli(["simulate", "--resume", str(run_dir)]) == 0
+    assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]] == [0, 1, 2, 3]
+
+
 def test_overwrite_removes_everything_the_earlier_run_left(tmp_path, tiny_base, keyword_data) -> None:
     """A fresh start under --overwrite keeps no checkpoint, private state or metric of the run it replaces."""
     from fed_adapters.federated.results import RESULT_FILES, prepare_run_dir
