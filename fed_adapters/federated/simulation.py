@@ -35,7 +35,7 @@ from .results import check_run_dir
 from .secure_aggregation import check_secure_settings
 from .server_app import run_federation
 from .strategies import make_strategy
-from .task import build_adapted_model, shards, test_data, training_data
+from .task import build_adapted_model, shards, test_data, tokenizer, training_data
 
 
 class SimulationStopped(RuntimeError):
@@ -100,6 +100,11 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
     server's model (built here once, handed to the ServerApp)."""
     columns, model = config.data.columns, config.model
     classification = model.task == "classification"
+    try:  # results_dir only: the run directory itself is made when the run starts
+        config.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"results_dir {config.results_dir!r} cannot be created ({error.strerror}); set results_dir "
+                          "to a folder this user can write") from None
     source = resolve_source(config.data.source, config.data.data_root or None)
     if isinstance(source, Path) and source.is_file():
         raise ConfigError(
@@ -114,6 +119,7 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
     model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
+    tokenizer(config.model.name)  # so does one without a tokenizer (cached: the server reuses it)
     if config.privacy.secure_aggregation:
         check_secure_settings(config, [len(shard.train) for shard in client_shards])
     else:  # Flower's strategies check their own arguments when built
