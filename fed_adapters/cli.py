@@ -1,6 +1,6 @@
 """`fed-adapters`: the command line.
 
-    fed-adapters [--debug] simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs]
+    fed-adapters [--debug] simulate CONFIG.toml [--set key=value ...] [--overwrite] [--flower-logs] [--dry-run]
     fed-adapters simulate --resume RUN_DIR
     fed-adapters export RUN_DIR --client ID OUT_DIR [--overwrite]
     fed-adapters predict ADAPTER_DIR --input FILE.jsonl --output OUT.jsonl [--model NAME_OR_DIR]
@@ -34,14 +34,31 @@ def _simulate(args: argparse.Namespace) -> int:
     from .federated.config import load_run_config, load_run_dir_config
 
     if args.resume:
-        if args.config or args.overrides or args.overwrite:
+        if args.config or args.overrides or args.overwrite or args.dry_run:
             raise ConfigError("--resume RUN_DIR continues a run with the config it was started with; "
-                              "give no CONFIG, --set or --overwrite with it")
+                              "give no CONFIG, --set, --overwrite or --dry-run with it")
         return _simulate_until_interrupted(load_run_dir_config(args.resume), flower_logs=args.flower_logs, resume=True)
     if not args.config:
         raise ConfigError("give a CONFIG.toml to run, or --resume RUN_DIR to continue an interrupted run")
     config = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(config, args)
     return _simulate_until_interrupted(config, overwrite=args.overwrite, flower_logs=args.flower_logs)
+
+
+def _dry_run(config: RunConfig, args: argparse.Namespace) -> int:
+    """Every check `simulate` makes before it starts (config, data, partitioning, model, strategy, resources,
+    run directory), and nothing else: also the way to vet a config for `flwr run`, whose own check of the run
+    config says only "Invalid run configuration", not which key."""
+    from .federated.results import check_run_dir
+    from .federated.simulation import preflight
+
+    check_run_dir(config, args.overwrite)
+    num_clients, model = preflight(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.config}: valid — {num_clients} clients, {config.model.name}, {trainable:,} trainable parameters, "
+          f"results to {config.run_dir}; nothing was run")
+    return 0
 
 
 def _simulate_until_interrupted(config: RunConfig, **options) -> int:
@@ -138,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set strategy.num_rounds=5 (repeatable)")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in the run directory")
     sim.add_argument("--flower-logs", action="store_true", help="also show Flower's own INFO log lines")
+    sim.add_argument("--dry-run", action="store_true",
+                     help="check the config, data, model and resources as a run would, then stop (runs nothing)")
     sim.set_defaults(handler=_simulate)
 
     export = commands.add_parser("export", help="write one client's personal adapter set out of a finished run")

@@ -265,6 +265,17 @@ def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_b
         cli(["--debug"] + argv)
 
 
+def test_dry_run_checks_what_a_run_would_and_runs_nothing(tmp_path, tiny_base, keyword_data, capsys) -> None:
+    config = tiny_config(tmp_path, tiny_base, keyword_data)
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(config.to_toml())
+    assert cli(["simulate", str(config_path), "--dry-run"]) == 0
+    assert f"{config_path}: valid — 4 clients, {config.model.name}, " in capsys.readouterr().out
+    assert not config.run_dir.exists()
+    assert cli(["simulate", str(config_path), "--dry-run", "--set", "partition.num_clients=1000"]) == 2
+    assert "partition.num_clients = 1000 is more clients than the 400 training examples" in capsys.readouterr().err
+
+
 def test_corrupted_adapter_file_is_one_line(tmp_path, tiny_base, capsys) -> None:
     adapter = tmp_path / "adapter"
     model = load_model(str(tiny_base), num_labels=2)
