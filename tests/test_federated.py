@@ -108,8 +108,8 @@ def test_ray_spreads_clients_over_gpus(tmp_path, tiny_base, keyword_data) -> Non
     ({"num_cpus": 3, "ray_num_cpus": 2}, "simulation.num_cpus = 3 per client, but Ray has 2 CPU\\(s\\) "
                                          "\\(simulation.ray_num_cpus\\), so no client could start; lower simulation.num_cpus"),
 ])
-def test_client_resources_no_actor_fits_are_refused_before_ray_starts(tmp_path, tiny_base, keyword_data, resources,
-                                                                      message) -> None:
+def test_client_resources_that_fit_no_actor_are_refused_before_ray_starts(tmp_path, tiny_base, keyword_data, resources,
+                                                                          message) -> None:
     config = tiny_config(tmp_path, tiny_base, keyword_data, simulation=resources)
     with pytest.raises(ConfigError, match=message):
         simulate(config, verbose=False)

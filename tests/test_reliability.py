@@ -353,7 +353,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     assert finished["run"]["seconds"] >= latest(run_dir).state["seconds"] > 0
 
 
-def test_sigint_mid_run_ends_the_process_and_the_run_resumes(tmp_path, tiny_base, keyword_data, capsys) -> None:
+def test_sigint_mid_run_ends_the_process_and_the_run_resumes(tmp_path, tiny_base, keyword_data) -> None:
     """SIGINT to the simulation's own process (`kill -INT`, a scheduler; a terminal's Ctrl-C also reaches Ray's
     workers): it exits with 130 and says how to go on, instead of waiting forever on a Flower runtime thread
     blocked on an actor that died with it; `--resume` then finishes the run."""
