@@ -240,6 +240,15 @@ def test_a_taken_or_impossible_port_is_named_before_anything_is_written(tmp_path
             assert not (tmp_path / "work").exists()  # the corrected command finds the work dir as it was
 
 
+def test_a_model_that_cannot_load_is_named_before_any_process_starts(tmp_path, tiny_base, keyword_data, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(tiny_config(tmp_path, tiny_base, keyword_data).to_dict()))
+    assert cli(["deploy", "local", str(config), "--silos", "2", "--port", str(_free_port()), "--work-dir",
+                str(tmp_path / "work"), "--set", "model.name=/no/such/model"]) == 2
+    assert "model '/no/such/model': no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 def test_a_taken_port_is_named_before_anything_starts(tmp_path) -> None:
     port = _free_port()
     with socket.socket() as squatter:
