@@ -116,6 +116,9 @@ class DataSection:
     def __post_init__(self) -> None:
         _at_least("data.train_size", self.train_size, 0)  # 0 = all
         _at_least("data.test_size", self.test_size, 0)
+        if self.test_split == self.train_split:
+            raise ConfigError(f"data.test_split = data.train_split = {self.train_split!r}: the server would evaluate on "
+                              "the very examples the clients train on; name a held-out split (e.g. 'validation' or 'test')")
 
     @property
     def columns(self) -> TextColumns:
