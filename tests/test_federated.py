@@ -271,6 +271,7 @@ def test_clients_keep_their_adamw_moments_across_rounds(tmp_path, tiny_base, key
     ("[partition]\nmin_client_size = -1\n", "partition.min_client_size must be >= 0, got -1"),
     ("[simulation]\nray_num_cpus = -2\n", "simulation.ray_num_cpus must be >= 0, got -2"),
     ("[simulation]\nray_num_gpus = -5\n", "simulation.ray_num_gpus must be >= -1, got -5"),
+    ("seed = -1\n", "seed must be >= 0, got -1"),
     ("[data]\ntest_split = 'train'\n", "data.test_split = data.train_split = 'train': the server would evaluate on the very"),
     ("[simulation]\nnum_gpus = 1.5\n", "simulation.num_gpus = 1.5 per client: Ray shares a GPU only in fractions of one"),
     ("[strategy]\nsampling = 'shuffled'\nmin_train_clients = 3\n[privacy]\nsecure_aggregation = true\n",

@@ -227,7 +227,7 @@ def tiny_opt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["column", "labels", "empty_shards", "no_adapter_points", "one_file", "device", "no_model",
-                                  "resources", "results_dir"])
+                                  "resources", "results_dir", "max_length"])
 def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_base, keyword_data, tiny_opt, capsys) -> None:
     config_path = tmp_path / "run.toml"
     config_path.write_text(tiny_config(tmp_path, tiny_base, keyword_data, strategy={"num_rounds": 1}).to_toml())
@@ -248,6 +248,7 @@ def test_bad_input_is_one_line_and_leaves_earlier_results(case, tmp_path, tiny_b
                       "simulation.num_gpus = 0.5 per client, but Ray has 0 GPU(s)"),
         "results_dir": (["results_dir=/proc/fed_adapters_results"],  # procfs takes no new directories
                         "results_dir '/proc/fed_adapters_results' cannot be created (No such file or directory)"),
+        "max_length": (["model.max_length=4096"], "model.max_length = 4096 exceeds the "),
     }[case]
     if case == "labels":
         bad = tmp_path / "bad-labels"

@@ -364,6 +364,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         p = self.personalization
+        _at_least("seed", self.seed, 0)  # numpy's generators take no negative seed
         if self.privacy.secure_aggregation and (self.privacy.dp != "none" or self.strategy.name != "fedavg"):
             raise ConfigError(
                 "privacy.secure_aggregation = true computes FedAvg's sum through SecAgg+; it combines with neither "

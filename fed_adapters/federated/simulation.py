@@ -119,6 +119,10 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
     model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.model.max_length > positions:  # longer inputs would fail mid-run, in the clients
+        raise ConfigError(f"model.max_length = {config.model.max_length} exceeds the {positions} positions "
+                          f"{config.model.name} has; set model.max_length <= {positions}")
     tokenizer(config.model.name)  # so does one without a tokenizer (cached: the server reuses it)
     if config.privacy.secure_aggregation:
         check_secure_settings(config, [len(shard.train) for shard in client_shards])
