@@ -14,7 +14,7 @@ from ..configuration import ConfigError, to_toml
 from ..data import resolve_source
 from ..federated.config import RunConfig
 from ..federated.partition import partition
-from ..federated.task import build_adapted_model, tokenizer, training_data
+from ..federated.task import checked_model, training_data
 from .local import NODE_PORT_OFFSET, LoopbackFederation, Silo, check_port_free
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository: its pyproject.toml is the Flower App
@@ -60,9 +60,7 @@ def run_local_deployment(config: RunConfig, num_silos: int, work_dir: Path, port
         raise ConfigError(f"--port must lie in 1..{highest} (the SuperNodes listen on port + {NODE_PORT_OFFSET} onward), "
                           f"got {port}")
     check_port_free(port)  # before anything is written: a retry on another port finds the work dir as it was
-    # An unknown or unreadable model fails here, not in the ServerApp once the whole federation is up.
-    build_adapted_model(config)
-    tokenizer(config.model.name)
+    checked_model(config)  # not in the ServerApp, once the whole federation is up
     work_dir = work_dir.resolve()
     silos = write_silo_data(config, num_silos, work_dir / "silo-data")
     deployed = deployment_config(config, num_silos, work_dir)

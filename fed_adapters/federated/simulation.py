@@ -35,7 +35,7 @@ from .results import check_run_dir
 from .secure_aggregation import check_secure_settings
 from .server_app import run_federation
 from .strategies import make_strategy
-from .task import build_adapted_model, shards, test_data, tokenizer, training_data
+from .task import checked_model, shards, test_data, training_data
 
 
 class SimulationStopped(RuntimeError):
@@ -118,12 +118,7 @@ def preflight(config: RunConfig) -> tuple[int, nn.Module]:
         check_columns(dataset, columns, need_label=classification)
         if classification:
             check_labels(dataset, columns.label, model.num_labels)
-    model = build_adapted_model(config)  # an unknown model, or one without adapter points, fails here
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and config.model.max_length > positions:  # longer inputs would fail mid-run, in the clients
-        raise ConfigError(f"model.max_length = {config.model.max_length} exceeds the {positions} positions "
-                          f"{config.model.name} has; set model.max_length <= {positions}")
-    tokenizer(config.model.name)  # so does one without a tokenizer (cached: the server reuses it)
+    model = checked_model(config)
     if config.privacy.secure_aggregation:
         check_secure_settings(config, [len(shard.train) for shard in client_shards])
     else:  # Flower's strategies check their own arguments when built

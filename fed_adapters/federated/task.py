@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..adapters import add_adapter
+from ..configuration import ConfigError
 from ..data import held_out_subset, load_split, tokenize_dataset
 from ..modeling import load_model, load_tokenizer
 from ..training import seed_everything
@@ -52,6 +53,18 @@ def build_adapted_model(config: RunConfig) -> nn.Module:
     model = load_model(m.name, task=m.task, num_labels=m.num_labels, pooling=m.pooling)
     add_adapter(model, config.adapter.to_adapter_config(), SHARED)
     prepare_model(model, config)
+    return model
+
+
+def checked_model(config: RunConfig) -> nn.Module:
+    """`build_adapted_model`, in the process that starts a run, so that a model that cannot serve it fails there
+    (unknown, unreadable, without adapter points or tokenizer, shorter than `model.max_length`), not mid-run."""
+    model = build_adapted_model(config)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.model.max_length > positions:
+        raise ConfigError(f"model.max_length = {config.model.max_length} exceeds the {positions} positions "
+                          f"{config.model.name} has; set model.max_length <= {positions}")
+    tokenizer(config.model.name)  # cached: the server reuses it
     return model
 
 
