@@ -365,6 +365,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         p = self.personalization
         _at_least("seed", self.seed, 0)  # numpy's generators take no negative seed
+        parts = self.run_name.replace("\\", "/").split("/")
+        if not self.run_name.strip() or self.run_name.startswith(("/", "\\")) or {".", ".."} & set(parts):
+            # --overwrite clears the run directory's result files: it must lie inside results_dir
+            raise ConfigError(f"run_name = {self.run_name!r} must name a folder inside results_dir: not empty, not "
+                              "absolute, no '.' or '..' in it (results_dir says where results go)")
         if self.privacy.secure_aggregation and (self.privacy.dp != "none" or self.strategy.name != "fedavg"):
             raise ConfigError(
                 "privacy.secure_aggregation = true computes FedAvg's sum through SecAgg+; it combines with neither "
