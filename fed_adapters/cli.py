@@ -50,13 +50,13 @@ def _dry_run(config: RunConfig, args: argparse.Namespace) -> int:
     """Every check `simulate` makes before it starts (config, data, partitioning, model, strategy, resources,
     run directory), and nothing else: also the way to vet a config for `flwr run`, whose own check of the run
     config says only "Invalid run configuration", not which key."""
+    from .adapters import trainable_parameters
     from .federated.results import check_run_dir
     from .federated.simulation import preflight
 
     check_run_dir(config, args.overwrite)
     num_clients, model = preflight(config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.config}: valid — {num_clients} clients, {config.model.name}, {trainable:,} trainable parameters, "
+    print(f"{args.config}: valid — {num_clients} clients, {config.model.name}, {trainable_parameters(model)}, "
           f"results to {config.run_dir}; nothing was run")
     return 0
 
